@@ -1,0 +1,57 @@
+# Two entry points (README): `make demo` runs the main job, `make test` runs every test.
+# Each creates .venv, installs the package (building the native core) and its extras.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+DATA ?= $(SHARED)/data/scifact
+JOBS ?= 2
+PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
+
+.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+
+# Installs the package (non-editable; build dir cached under build/) with test and bench extras.
+install: venv
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q ".[test,bench,export]"
+
+demo: install
+	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 500
+
+test: install test-cpp test-asan stubtest test-py
+
+test-cpp: venv
+	scripts/ensure_system_deps.sh
+	$(BIN)/pip install -q "pybind11>=2.12,<4" "cmake>=3.18" ninja
+	$(BIN)/cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DTAILRANK_BUILD_TESTS=ON -DTAILRANK_BUILD_PYTHON=OFF -DPython_EXECUTABLE=$(BIN)/python >/dev/null
+	$(BIN)/cmake --build build/cpp -j $(JOBS)
+	cd build/cpp && $(abspath $(BIN))/ctest --output-on-failure -j $(JOBS)
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build of the core, running the C++ tests.
+test-asan: venv
+	scripts/ensure_system_deps.sh
+	$(BIN)/pip install -q "pybind11>=2.12,<4" "cmake>=3.18" ninja
+	$(BIN)/cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTAILRANK_SANITIZE=ON \
+	  -DTAILRANK_BUILD_TESTS=ON -DTAILRANK_BUILD_PYTHON=OFF -DPython_EXECUTABLE=$(BIN)/python >/dev/null
+	$(BIN)/cmake --build build/asan -j $(JOBS)
+	cd build/asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(abspath $(BIN))/ctest --output-on-failure -j $(JOBS)
+
+stubtest: install
+	cd /tmp && $(abspath $(BIN))/python -m mypy.stubtest tailrank._core
+
+test-py: install
+	TAILRANK_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q tests/python
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py --data $(DATA)
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,205 @@
+#include "pairs.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+namespace tailrank {
+
+namespace {
+void* aligned_alloc64(size_t bytes, void*) {
+  size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+void aligned_free(void* p, void*) { std::free(p); }
+
+struct BusyGuard {
+  std::atomic<bool>& flag;
+  explicit BusyGuard(std::atomic<bool>& f) : flag(f) {
+    if (flag.exchange(true))
+      throw ConcurrentUseError("this PairAssembler is in use by another thread; use one assembler per thread");
+  }
+  ~BusyGuard() { flag.store(false); }
+};
+}  // namespace
+
+Allocator default_allocator() { return Allocator{aligned_alloc64, aligned_free, nullptr}; }
+
+Buffer::~Buffer() { release(); }
+
+void Buffer::release() {
+  if (data_) alloc_.free(data_, alloc_.ctx);
+  data_ = nullptr;
+  capacity_ = 0;
+}
+
+void Buffer::reserve(size_t bytes, const Allocator& a) {
+  if (bytes <= capacity_ && a.alloc == alloc_.alloc && a.ctx == alloc_.ctx) return;
+  size_t want = std::max(bytes, capacity_ + capacity_ / 2);
+  void* p = a.alloc(want, a.ctx);  // may throw; the old buffer stays valid
+  release();
+  data_ = p;
+  capacity_ = want;
+  alloc_ = a;
+}
+
+size_t PairTemplate::n_special() const {
+  size_t n = 0;
+  for (const auto& p : pieces) n += p.kind == TemplatePiece::kSpecial;
+  return n;
+}
+
+void PairTemplate::validate() const {
+  int a = 0, b = 0;
+  for (const auto& p : pieces) {
+    a += p.kind == TemplatePiece::kSeqA;
+    b += p.kind == TemplatePiece::kSeqB;
+    if (p.kind == TemplatePiece::kSpecial && p.token_id < 0)
+      throw std::invalid_argument("special token ids must be >= 0");
+  }
+  if (a != 1 || b != 1) throw std::invalid_argument("a pair template needs sequence A and sequence B exactly once each");
+}
+
+PairAssembler::PairAssembler(PairTemplate tmpl, AssemblerOptions opts)
+    : tmpl_(std::move(tmpl)), opts_(opts), alloc_(default_allocator()) {
+  tmpl_.validate();
+  if (opts_.max_length <= tmpl_.n_special())
+    throw std::invalid_argument("max_length (" + std::to_string(opts_.max_length) +
+                                ") must exceed the template's special tokens (" + std::to_string(tmpl_.n_special()) + ")");
+  if (opts_.batch_tokens < opts_.max_length)
+    throw std::invalid_argument("batch_tokens (" + std::to_string(opts_.batch_tokens) + ") must be >= max_length (" +
+                                std::to_string(opts_.max_length) + ") so that any pair fits a batch");
+  if (opts_.max_batch_rows == 0) throw std::invalid_argument("max_batch_size must be >= 1");
+}
+
+PairAssembler::~PairAssembler() = default;
+
+void PairAssembler::set_allocator(const Allocator& a) {
+  BusyGuard g(busy_);
+  ids_.release();
+  mask_.release();
+  types_.release();
+  alloc_ = a;
+}
+
+std::pair<size_t, size_t> PairAssembler::truncate_lengths(size_t n1, size_t n2) const {
+  // Mirrors tokenizers' truncate_encodings with max_length reduced by the added special tokens.
+  size_t max_len = opts_.max_length - tmpl_.n_special();
+  if (n1 + n2 <= max_len) return {n1, n2};
+  if (opts_.truncation == Truncation::kOnlySecond) {
+    size_t to_remove = n1 + n2 - max_len;
+    if (n2 > to_remove) return {n1, n2 - to_remove};
+    throw std::invalid_argument("query of " + std::to_string(n1) + " tokens leaves no room for the document at max_length " +
+                                std::to_string(opts_.max_length) + " with truncation only_second; use longest_first");
+  }
+  bool swap = n1 > n2;
+  size_t a = swap ? n2 : n1, b = swap ? n1 : n2;  // a: the shorter
+  if (a > max_len)
+    b = a;
+  else
+    b = std::max(a, max_len - a);
+  if (a + b > max_len) {
+    a = max_len / 2;
+    b = a + max_len % 2;
+  }
+  if (swap) std::swap(a, b);
+  return {std::min(a, n1), std::min(b, n2)};
+}
+
+const std::vector<BatchSpec>& PairAssembler::assemble(const int32_t* q, size_t q_len,
+                                                      const std::vector<TokenView>& docs) {
+  BusyGuard g(busy_);
+  return run(q, q_len, docs);
+}
+
+const std::vector<BatchSpec>& PairAssembler::assemble_from_store(const int32_t* q, size_t q_len, const DocStore& store,
+                                                                 const uint64_t* ids, size_t n) {
+  BusyGuard g(busy_);
+  auto lk = store.read_lock();
+  scratch_docs_.clear();
+  scratch_docs_.reserve(n);
+  for (size_t i = 0; i < n; ++i) scratch_docs_.push_back(store.view_locked(ids[i]));
+  return run(q, q_len, scratch_docs_);
+}
+
+const std::vector<BatchSpec>& PairAssembler::run(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs) {
+  const size_t n = docs.size();
+  const size_t n_special = tmpl_.n_special();
+  std::vector<size_t> keep_q(n), keep_d(n);
+  lengths_.resize(n);
+  truncated_.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto kept = truncate_lengths(q_len, docs[i].size);
+    keep_q[i] = kept.first;
+    keep_d[i] = kept.second;
+    lengths_[i] = int64_t(kept.first + kept.second + n_special);
+    truncated_[i] = kept.first < q_len || kept.second < docs[i].size;
+  }
+  // Longest first, ties in input order: each batch pads only to its own first row.
+  order_.resize(n);
+  std::iota(order_.begin(), order_.end(), 0);
+  std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return lengths_[a] > lengths_[b]; });
+  batches_.clear();
+  total_elements_ = 0;
+  for (size_t r = 0; r < n;) {
+    size_t seq = size_t(lengths_[order_[r]]);
+    size_t rows = std::min({n - r, opts_.max_batch_rows, std::max<size_t>(1, opts_.batch_tokens / seq)});
+    batches_.push_back(BatchSpec{r, rows, seq, total_elements_});
+    total_elements_ += rows * seq;
+    r += rows;
+  }
+  size_t bytes = total_elements_ * element_size();
+  ids_.reserve(bytes, alloc_);
+  mask_.reserve(bytes, alloc_);
+  types_.reserve(bytes, alloc_);
+  if (opts_.int32)
+    fill<int32_t>(q, q_len, docs, keep_q, keep_d);
+  else
+    fill<int64_t>(q, q_len, docs, keep_q, keep_d);
+  return batches_;
+}
+
+template <class T>
+void PairAssembler::fill(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs,
+                         const std::vector<size_t>& keep_q, const std::vector<size_t>& keep_d) {
+  T* ids = static_cast<T*>(ids_.data());
+  T* mask = static_cast<T*>(mask_.data());
+  T* types = static_cast<T*>(types_.data());
+  for (const BatchSpec& b : batches_) {
+    for (size_t r = 0; r < b.rows; ++r) {
+      size_t cand = size_t(order_[b.row_start + r]);
+      size_t base = b.offset + r * b.seq_len;
+      T* out = ids + base;
+      T* ty = types + base;
+      size_t pos = 0;
+      for (const TemplatePiece& p : tmpl_.pieces) {
+        if (p.kind == TemplatePiece::kSpecial) {
+          out[pos] = T(p.token_id);
+          ty[pos++] = T(p.type_id);
+        } else if (p.kind == TemplatePiece::kSeqA) {
+          for (size_t i = 0; i < keep_q[cand]; ++i) out[pos + i] = T(q[i]);
+          std::fill(ty + pos, ty + pos + keep_q[cand], T(p.type_id));
+          pos += keep_q[cand];
+        } else {
+          const TokenView& d = docs[cand];
+          if (d.u16)
+            for (size_t i = 0; i < keep_d[cand]; ++i) out[pos + i] = T(d.u16[i]);
+          else
+            for (size_t i = 0; i < keep_d[cand]; ++i) out[pos + i] = T(d.i32[i]);
+          std::fill(ty + pos, ty + pos + keep_d[cand], T(p.type_id));
+          pos += keep_d[cand];
+        }
+      }
+      std::fill(out + pos, out + b.seq_len, T(tmpl_.pad_id));
+      std::fill(ty + pos, ty + b.seq_len, T(0));
+      std::fill(mask + base, mask + base + pos, T(1));
+      std::fill(mask + base + pos, mask + base + b.seq_len, T(0));
+    }
+  }
+  (void)q_len;
+}
+
+}  // namespace tailrank

@@ -1,0 +1,128 @@
+// Cross-encoder pair assembly: template, truncation (as Hugging Face tokenizers), length-sorted
+// batching under a token budget, written into reusable buffers owned by the assembler.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "doc_store.hpp"
+
+namespace tailrank {
+
+/// One element of a pair template: a special token, or sequence A (query) / B (document).
+struct TemplatePiece {
+  enum Kind : int32_t { kSpecial = 0, kSeqA = 1, kSeqB = 2 };
+  Kind kind;
+  int64_t token_id;  // for kSpecial
+  int32_t type_id;
+};
+
+struct PairTemplate {
+  std::vector<TemplatePiece> pieces;  // must contain kSeqA and kSeqB exactly once each
+  int64_t pad_id = 0;
+  size_t n_special() const;
+  void validate() const;
+};
+
+enum class Truncation { kLongestFirst, kOnlySecond };
+
+/// Where one batch lives in the assembler's buffers.
+struct BatchSpec {
+  size_t row_start;  // first row in the assembly's row order (see order())
+  size_t rows;
+  size_t seq_len;    // padded length: the batch's longest pair
+  size_t offset;     // element offset of the batch in each buffer
+};
+
+/// Memory for the tensors; the default uses aligned heap memory. A CUDA build swaps in pinned
+/// host memory through set_allocator.
+struct Allocator {
+  void* (*alloc)(size_t bytes, void* ctx);
+  void (*free)(void* p, void* ctx);
+  void* ctx;
+};
+Allocator default_allocator();
+
+/// A growable, never-shrinking raw buffer.
+class Buffer {
+ public:
+  Buffer() = default;
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void reserve(size_t bytes, const Allocator& a);
+  void release();
+  void* data() const { return data_; }
+  size_t capacity() const { return capacity_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+  Allocator alloc_{};
+};
+
+struct AssemblerOptions {
+  size_t max_length = 512;
+  Truncation truncation = Truncation::kLongestFirst;
+  size_t batch_tokens = 16384;  // rows x padded length per batch, at most
+  size_t max_batch_rows = 256;
+  bool int32 = false;           // tensor dtype: int64 (default) or int32
+};
+
+/// Builds cross-encoder batches. One assembly at a time: a second concurrent call throws
+/// ConcurrentUseError (use one assembler per thread). Views into the buffers are valid until the
+/// next assemble call.
+class PairAssembler {
+ public:
+  PairAssembler(PairTemplate tmpl, AssemblerOptions opts);
+  ~PairAssembler();
+
+  /// Assembles query `q` against `docs`; returns the batches.
+  const std::vector<BatchSpec>& assemble(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs);
+  /// Same, with documents from a DocStore (held under its read lock during the copy).
+  const std::vector<BatchSpec>& assemble_from_store(const int32_t* q, size_t q_len, const DocStore& store,
+                                                    const uint64_t* ids, size_t n);
+
+  /// order()[r] = candidate index of row r (rows numbered across batches).
+  const std::vector<int64_t>& order() const { return order_; }
+  /// Per candidate (input order): assembled length with specials, and whether truncation cut it.
+  const std::vector<int64_t>& lengths() const { return lengths_; }
+  const std::vector<uint8_t>& truncated() const { return truncated_; }
+  const std::vector<BatchSpec>& batches() const { return batches_; }
+  void* input_ids() const { return ids_.data(); }
+  void* attention_mask() const { return mask_.data(); }
+  void* token_type_ids() const { return types_.data(); }
+  size_t total_elements() const { return total_elements_; }
+  size_t element_size() const { return opts_.int32 ? 4 : 8; }
+  size_t buffer_bytes() const { return ids_.capacity() + mask_.capacity() + types_.capacity(); }
+  const AssemblerOptions& options() const { return opts_; }
+  const PairTemplate& pair_template() const { return tmpl_; }
+  /// Replaces the memory source (e.g. pinned host memory); frees the current buffers.
+  void set_allocator(const Allocator& a);
+
+  /// Token counts kept of (query, document) under the truncation rule; throws invalid_argument
+  /// where Hugging Face tokenizers would refuse (only_second with a query that leaves no room).
+  std::pair<size_t, size_t> truncate_lengths(size_t q_len, size_t d_len) const;
+
+ private:
+  const std::vector<BatchSpec>& run(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs);
+  template <class T>
+  void fill(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs, const std::vector<size_t>& keep_q,
+            const std::vector<size_t>& keep_d);
+
+  PairTemplate tmpl_;
+  AssemblerOptions opts_;
+  Allocator alloc_;
+  Buffer ids_, mask_, types_;
+  std::vector<BatchSpec> batches_;
+  std::vector<int64_t> order_, lengths_;
+  std::vector<uint8_t> truncated_;
+  std::vector<TokenView> scratch_docs_;
+  size_t total_elements_ = 0;
+  std::atomic<bool> busy_{false};
+};
+
+}  // namespace tailrank

@@ -1,0 +1,69 @@
+"""Input checks shared by the public classes: one place per idea."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+_MAX_ID = 2**63 - 1
+
+
+def as_ids(ids: Any, name: str = "ids") -> npt.NDArray[np.uint64]:
+    """Converts ids to a contiguous uint64 array; ids must be integers in [0, 2**63-1]."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of integers, got a {arr.ndim}-D array")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integers (int64 or uint64), got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(arr.min())}")
+    if arr.dtype.kind == "u" and int(arr.max()) > _MAX_ID:
+        raise ValueError(f"{name} must be <= 2**63-1, got {int(arr.max())}")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
+def as_float_matrix(x: Any, dim: int, name: str) -> tuple[npt.NDArray[np.float32], bool]:
+    """Converts one vector [dim] or a batch [n, dim] to contiguous float32 [n, dim].
+
+    Returns the matrix and whether the input was a single vector.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be numeric (float32 preferred), got dtype {arr.dtype}")
+    single = arr.ndim == 1
+    if single:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(
+            f"{name} must have shape [n, {dim}] (or [{dim}] for one vector), got shape {list(np.shape(x))}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32), single
+
+
+def as_token_ids(x: Any, name: str) -> npt.NDArray[np.int32]:
+    """Converts a sequence of token ids to contiguous int32, refusing negatives and non-integers."""
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of token ids, got a {arr.ndim}-D array")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) > 2**31 - 1:
+        raise ValueError(f"{name} holds token ids outside [0, 2**31-1]")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Checks an integer knob (bool refused) is >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -1,0 +1,34 @@
+"""Typed errors raised by tailrank. Every error derives from :class:`TailrankError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "TailrankError",
+    "CorruptFileError",
+    "UnknownIdError",
+    "ConcurrentUseError",
+    "ModelError",
+]
+
+
+class TailrankError(Exception):
+    """Base class of every error tailrank raises on purpose."""
+
+
+class CorruptFileError(TailrankError):
+    """A saved file is truncated, bit-flipped, empty, of another format version, or not ours."""
+
+
+class UnknownIdError(TailrankError, KeyError):
+    """An id that is not present (in an index or a DocStore)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConcurrentUseError(TailrankError, RuntimeError):
+    """An object meant for one thread at a time was used by two at once."""
+
+
+class ModelError(TailrankError):
+    """A model directory is missing files, is invalid, or is not a cross-encoder."""
