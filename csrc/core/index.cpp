@@ -288,7 +288,7 @@ void VectorIndex::search(const float* queries, size_t n, const SearchParams& p, 
 
 void VectorIndex::save(const std::string& path) const {
   std::shared_lock<RwLock> lk(mu_);
-  TempFile tmp{path + ".hnsw." + std::to_string(::getpid()) + ".tmp"};
+  TempFile tmp{path + ".hnsw." + std::to_string(::getpid()) + "." + std::to_string(std::random_device{}()) + ".tmp"};
   try {
     impl_->h->saveIndex(tmp.path);
   } catch (const std::exception& e) {
