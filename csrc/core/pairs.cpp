@@ -145,8 +145,9 @@ const std::vector<BatchSpec>& PairAssembler::run(const int32_t* q, size_t q_len,
   batches_.clear();
   total_elements_ = 0;
   for (size_t r = 0; r < n;) {
-    size_t seq = size_t(lengths_[order_[r]]);
-    size_t rows = std::min({n - r, opts_.max_batch_rows, std::max<size_t>(1, opts_.batch_tokens / seq)});
+    size_t seq = size_t(lengths_[order_[r]]);  // 0 for an empty pair under a template without specials
+    size_t fit = seq == 0 ? opts_.max_batch_rows : std::max<size_t>(1, opts_.batch_tokens / seq);
+    size_t rows = std::min({n - r, opts_.max_batch_rows, fit});
     batches_.push_back(BatchSpec{r, rows, seq, total_elements_});
     total_elements_ += rows * seq;
     r += rows;
