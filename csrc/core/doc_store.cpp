@@ -194,12 +194,12 @@ std::unique_ptr<DocStore> DocStore::load(const std::string& path) {
   if (sum != tokens) throw CorruptFileError(path + ": document lengths disagree with the token count");
   if (wide) {
     store->i32_.resize(tokens);
-    std::memcpy(store->i32_.data(), r.p, tokens * 4);
+    if (tokens) std::memcpy(store->i32_.data(), r.p, tokens * 4);  // data() is null when empty
     for (int32_t t : store->i32_)
       if (t < 0 || uint64_t(t) >= vocab) throw CorruptFileError(path + ": token id outside the vocabulary");
   } else {
     store->u16_.resize(tokens);
-    std::memcpy(store->u16_.data(), r.p, tokens * 2);
+    if (tokens) std::memcpy(store->u16_.data(), r.p, tokens * 2);  // data() is null when empty
     for (uint16_t t : store->u16_)
       if (t >= vocab) throw CorruptFileError(path + ": token id outside the vocabulary");
   }

@@ -6,12 +6,23 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <unistd.h>
 #include <unordered_map>
 
 #include "common.hpp"
 #include "distance.hpp"
+// hnswlib's SSE prefetches read the id one past a full upper-layer link list, a few bytes beyond
+// its malloc'd block: harmless in practice, but AddressSanitizer stops on it. Sanitized builds
+// therefore go without hnswlib's manual vectorization (the distance kernels are our own anyway).
+#if defined(__SANITIZE_ADDRESS__)
+#define NO_MANUAL_VECTORIZATION
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NO_MANUAL_VECTORIZATION
+#endif
+#endif
 #include "hnswlib/hnswlib.h"
 
 namespace tailrank {
@@ -145,29 +156,27 @@ void VectorIndex::add(const float* vectors, const uint64_t* ids, size_t n, size_
     size_t end = std::min(rows.size(), start + kAddChunk);
     std::unique_lock<RwLock> lk(mu_);
     auto& h = *impl_->h;
-    size_t fresh = 0;
+    // Ids already present (live or deleted) go first: a revived id takes its own deleted slot
+    // back, so it must leave the vacant set before new ids claim vacant slots (hnswlib's replace
+    // assumes nothing else touches a deleted element, and the capacity count depends on it).
+    std::vector<size_t> present, fresh;
     for (size_t r = start; r < end; ++r)
-      if (h.label_lookup_.find(ids[rows[r]]) == h.label_lookup_.end()) ++fresh;
-    size_t vacant = h.deleted_elements.size();
-    ensure_capacity_locked(h.cur_element_count + (fresh > vacant ? fresh - vacant : 0));
-    parallel_for(end - start, threads, [&](size_t t) {
-      size_t r = start + t;
+      (h.label_lookup_.count(ids[rows[r]]) ? present : fresh).push_back(r);
+    // hnswlib's in-place update (used for re-added ids and for reusing a deleted slot) draws from
+    // one shared random generator without a lock: those run on this thread; only fresh inserts
+    // into empty slots run in parallel.
+    for (size_t r : present) {
       uint64_t id = ids[rows[r]];
-      const float* v = prepared.data() + r * dim_;
-      bool exists;
-      bool deleted = false;
-      {
-        std::lock_guard<std::mutex> g(h.label_lookup_lock);
-        auto it = h.label_lookup_.find(id);
-        exists = it != h.label_lookup_.end();
-        if (exists) deleted = h.isMarkedDeleted(it->second);
-      }
-      if (exists) {
-        if (deleted) h.unmarkDelete(id);
-        h.addPoint(v, id, /*replace_deleted=*/false);  // updates the existing element in place
-      } else {
-        h.addPoint(v, id, /*replace_deleted=*/true);  // reuses a deleted slot when there is one
-      }
+      if (h.isMarkedDeleted(h.label_lookup_.at(id))) h.unmarkDelete(id);
+      h.addPoint(prepared.data() + r * dim_, id, /*replace_deleted=*/false);  // updates in place
+    }
+    size_t reuse = std::min(fresh.size(), h.deleted_elements.size());
+    for (size_t t = 0; t < reuse; ++t)
+      h.addPoint(prepared.data() + fresh[t] * dim_, ids[rows[fresh[t]]], /*replace_deleted=*/true);
+    ensure_capacity_locked(h.cur_element_count + (fresh.size() - reuse));
+    parallel_for(fresh.size() - reuse, threads, [&](size_t t) {
+      size_t r = fresh[reuse + t];
+      h.addPoint(prepared.data() + r * dim_, ids[rows[r]], /*replace_deleted=*/true);  // no vacant slot left
     });
   }
 }
@@ -261,8 +270,10 @@ void VectorIndex::search_locked(const float* query, const SearchParams& p, int64
       }
     }
     size_t ef = std::max(p.ef ? p.ef : default_ef_, p.k);
-    AllowFilter filter(p.allow ? *p.allow : AllowList({}));
-    hnswlib::BaseFilterFunctor* f = p.allow ? &filter : nullptr;
+    // The filter refers to the caller's list (no copy, and nothing temporary to dangle).
+    std::optional<AllowFilter> filter;
+    if (p.allow) filter.emplace(*p.allow);
+    hnswlib::BaseFilterFunctor* f = filter ? &*filter : nullptr;
     auto top = (h.num_deleted_ == 0 && !f) ? h.searchBaseLayerST<true>(cur, q.data(), ef, f)
                                            : h.searchBaseLayerST<false>(cur, q.data(), ef, f);
     while (top.size() > p.k) top.pop();
