@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,8 @@ def as_ids(ids: Any, name: str = "ids") -> npt.NDArray[np.uint64]:
 
 
 def as_float_matrix(x: Any, dim: int, name: str) -> tuple[npt.NDArray[np.float32], bool]:
-    """Converts one vector [dim] or a batch [n, dim] to contiguous float32 [n, dim].
+    """Converts one vector [dim] or a batch [n, dim] to contiguous float32 [n, dim], refusing
+    NaN, infinities and values beyond the float32 range.
 
     Returns the matrix and whether the input was a single vector.
     """
@@ -43,7 +45,15 @@ def as_float_matrix(x: Any, dim: int, name: str) -> tuple[npt.NDArray[np.float32
         raise ValueError(
             f"{name} must have shape [n, {dim}] (or [{dim}] for one vector), got shape {list(np.shape(x))}"
         )
-    return np.ascontiguousarray(arr, dtype=np.float32), single
+    # Overflow to inf is reported below as a ValueError, not as numpy's cast RuntimeWarning.
+    with np.errstate(over="ignore"):
+        mat = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(mat).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        what = "NaN or infinite values" if not np.isfinite(arr[row]).all() else "values beyond the float32 range"
+        raise ValueError(f"{name} must be finite: row {row} has {what}")
+    return mat, single
 
 
 def as_token_ids(x: Any, name: str) -> npt.NDArray[np.int32]:
@@ -67,3 +77,11 @@ def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def existing_file(path: Any) -> str:
+    """The path as a string; FileNotFoundError if nothing is there (damage is CorruptFileError)."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no such file: {p}")
+    return p

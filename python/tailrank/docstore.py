@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._validate import as_ids, positive_int
+from ._validate import existing_file, as_ids, positive_int
 
 __all__ = ["DocStore"]
 
@@ -96,7 +96,7 @@ class DocStore:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DocStore:
         """Loads and verifies a saved store; raises CorruptFileError on any damage."""
-        return cls._wrap(_core.DocStore.load(os.fspath(path)))
+        return cls._wrap(_core.DocStore.load(existing_file(path)))
 
     def __len__(self) -> int:
         return len(self._compiled)

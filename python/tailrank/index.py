@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._validate import as_float_matrix, as_ids, positive_int
+from ._validate import existing_file, as_float_matrix, as_ids, positive_int
 
 Metric = Literal["cosine", "ip", "l2"]
 
@@ -149,7 +149,7 @@ class VectorIndex:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> VectorIndex:
         """Loads and verifies a saved index; raises CorruptFileError on any damage."""
-        return cls._wrap(_core.VectorIndex.load(os.fspath(path)))
+        return cls._wrap(_core.VectorIndex.load(existing_file(path)))
 
     def __len__(self) -> int:
         return len(self._compiled)

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._validate import as_ids, as_token_ids, positive_int
+from ._validate import as_float_matrix, as_ids, as_token_ids, positive_int
 from .docstore import DocStore
 from .index import VectorIndex, _allow_list
 
@@ -279,13 +279,15 @@ def retrieve_and_assemble(
         ``(ids, scores, assembly)``: the hits best first (without -1 padding) and their batches;
         candidate i of the assembly is ``ids[i]``.
     """
-    vec = np.ascontiguousarray(np.asarray(query_vector, dtype=np.float32).reshape(-1))
+    vec, single = as_float_matrix(query_vector, index.dim, "query_vector")
+    if not single:
+        raise ValueError(f"query_vector must be one vector of shape [{index.dim}], got shape {list(vec.shape)}")
     q = as_token_ids(query_ids, "query_ids")
     ids, scores, hits, raw = _core.retrieve_and_assemble(
         index._compiled,
         store._compiled,
         batcher._compiled,
-        vec,
+        vec[0],
         q,
         positive_int(k, "k"),
         0 if ef is None else positive_int(ef, "ef"),
