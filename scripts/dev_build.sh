@@ -12,4 +12,7 @@ if [ ! -f build/dev/build.ninja ]; then
     -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >/dev/null
 fi
 ninja -C build/dev >/dev/null
-cp build/dev/_core*.so python/tailrank/
+# Replace by rename: overwriting a loaded .so in place crashes processes that use it.
+for so in build/dev/_core*.so; do
+  cp "$so" "python/tailrank/.$(basename "$so").tmp" && mv -f "python/tailrank/.$(basename "$so").tmp" "python/tailrank/$(basename "$so")"
+done

@@ -226,6 +226,8 @@ std::vector<uint64_t> VectorIndex::ids() const {
 void VectorIndex::search_locked(const float* query, const SearchParams& p, int64_t* out_ids,
                                 float* out_scores) const {
   const auto& h = *impl_->h;
+  for (size_t j = 0; j < dim_; ++j)
+    if (!std::isfinite(query[j])) throw std::invalid_argument("queries must be finite: a query has a NaN or infinite value");
   std::vector<float> q(dim_);
   prepare(query, q.data());
   for (size_t j = 0; j < p.k; ++j) {

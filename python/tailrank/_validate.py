@@ -45,6 +45,9 @@ def as_float_matrix(x: Any, dim: int, name: str) -> tuple[npt.NDArray[np.float32
         raise ValueError(
             f"{name} must have shape [n, {dim}] (or [{dim}] for one vector), got shape {list(np.shape(x))}"
         )
+    if arr.dtype == np.float32:
+        # The hot path (a float32 query): NaN/inf rows are refused by the core without the GIL.
+        return np.ascontiguousarray(arr), single
     # Overflow to inf is reported below as a ValueError, not as numpy's cast RuntimeWarning.
     with np.errstate(over="ignore"):
         mat = np.ascontiguousarray(arr, dtype=np.float32)
