@@ -1,0 +1,143 @@
+"""Model-directory reading and ONNX Runtime session set-up, shared by CrossEncoder and the tooling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+log = logging.getLogger("tailrank")
+
+# Model types whose position ids start at pad_token_id + 1 (fairseq heritage): the usable length
+# is max_position_embeddings - pad_token_id - 1.
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text", "longformer"})
+# tokenizer_config's "no limit" sentinel is int(1e30); anything this large means unset.
+_NO_LIMIT = 10**9
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Reads a JSON object, turning every failure into a ModelError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"{what} is missing: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{what} is not valid JSON ({path}): {e}") from e
+    if not isinstance(obj, dict):
+        raise ModelError(f"{what} must hold a JSON object: {path}")
+    return obj
+
+
+def find_onnx(model_dir: Path) -> Path:
+    """The model's ONNX graph: ``onnx/model.onnx`` or ``model.onnx``."""
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory not found: {model_dir}")
+    for rel in ("onnx/model.onnx", "model.onnx"):
+        if (model_dir / rel).is_file():
+            return model_dir / rel
+    raise ModelError(
+        f"no ONNX model in {model_dir} (looked for onnx/model.onnx and model.onnx); "
+        "make one with `tailrank export HF_MODEL_DIR OUT_DIR`"
+    )
+
+
+def position_limit(config: dict[str, Any]) -> int | None:
+    """Longest sequence the model's position embeddings allow, or None if the config does not say."""
+    n = config.get("max_position_embeddings")
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if config.get("model_type") in _OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        n -= (pad if isinstance(pad, int) else 1) + 1
+    return n
+
+
+def default_max_length(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> int:
+    """The tokenizer's ``model_max_length`` capped by the model's positions (512 if neither says)."""
+    limit = position_limit(config)
+    tok = tokenizer_config.get("model_max_length")
+    tok_max = int(tok) if isinstance(tok, (int, float)) and 0 < tok < _NO_LIMIT else None
+    candidates = [v for v in (tok_max, limit) if v is not None]
+    return min(candidates) if candidates else 512
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota (v2 or v1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        parts = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if len(parts) == 2 and parts[0] != "max":
+            return int(parts[0]) / int(parts[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return q / p if q > 0 and p > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def session_options(threads: int | None) -> Any:
+    """SessionOptions chosen for low-latency scoring of dynamic shapes on a bounded CPU budget."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads if threads is not None else cpu_quota()
+    so.inter_op_num_threads = 1  # one sequential graph: parallelism lives inside the kernels
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Memory patterns are cached per input shape; every batch has its own (rows, length), so the
+    # cache would only grow. The arena stays on: it reuses blocks across calls, and its peak is
+    # bounded by the largest batch, which the warm-up allocates at load.
+    so.enable_mem_pattern = False
+    so.enable_cpu_mem_arena = True
+    so.log_severity_level = 3  # errors only: ORT's warnings go to stderr, not to our logger
+    return so
+
+
+def choose_providers(device: str) -> tuple[list[Any], str]:
+    """Execution providers for ``device`` ("auto", "cpu", "cuda") and the device actually used."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f'device must be "auto", "cpu" or "cuda", got {device!r}')
+    if device == "cpu":
+        return ["CPUExecutionProvider"], "cpu"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    level = logging.WARNING if device == "cuda" else logging.INFO
+    log.log(level, "tailrank: CUDA is not available to onnxruntime (install onnxruntime-gpu); scoring on the CPU")
+    return ["CPUExecutionProvider"], "cpu"
+
+
+def load_session(path: Path, *, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:
+    """An InferenceSession for the ONNX graph at ``path``; invalid graphs raise ModelError."""
+    import onnxruntime as ort
+
+    providers, used = choose_providers(device)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    except Exception as e:  # ORT's exceptions are its own pybind types (InvalidGraph, Fail, ...)
+        raise ModelError(f"ONNX Runtime cannot load {path}: {e}") from e
+    if used == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        log.warning("tailrank: the CUDA execution provider failed to initialise; scoring on the CPU")
+        used = "cpu"
+    return session, used

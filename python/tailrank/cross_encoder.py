@@ -1,0 +1,483 @@
+"""CrossEncoder: (query, document) scoring with ONNX Runtime over the core's pair assembly."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ort import default_max_length, find_onnx, load_session, position_limit, read_json
+from ._validate import positive_int
+from .docstore import DocStore
+from .errors import ModelError
+from .pairs import Assembly, PairBatcher, PairTemplate
+
+__all__ = ["CrossEncoder"]
+
+Activation = Literal["default", "none"]
+
+_KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ORT_INT: dict[str, np.dtype[Any]] = {"tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
+_ORT_FLOAT: dict[str, np.dtype[Any]] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+# Documents per assembly: bounds the batcher's buffers whatever the size of one predict call.
+_DOCS_PER_ASSEMBLY = 2048
+# (batch_tokens, max_batch_size). On the CPU small batches cost nothing in matmul efficiency
+# (a MiniLM-L6 at 384 tokens ran as fast or faster at 1-2k tokens per batch than at 8-16k) and
+# pad less; the CUDA numbers are untuned guesses.
+_DEFAULTS = {"cpu": (2048, 64), "cuda": (65536, 256)}
+
+
+class _TokenCache:
+    """A thread-safe LRU map of document text -> token ids, bounded by the tokens it holds."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self._max = max_tokens
+        self._tokens = 0
+        self._items: OrderedDict[str, npt.NDArray[np.int32]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32] | None]:
+        out: list[npt.NDArray[np.int32] | None] = []
+        with self._lock:
+            for t in texts:
+                ids = self._items.get(t)
+                if ids is not None:
+                    self._items.move_to_end(t)
+                out.append(ids)
+        return out
+
+    def put_many(self, texts: Sequence[str], ids: Sequence[npt.NDArray[np.int32]]) -> None:
+        with self._lock:
+            for t, a in zip(texts, ids):
+                if a.size > self._max:
+                    continue
+                old = self._items.pop(t, None)
+                if old is not None:
+                    self._tokens -= old.size
+                self._items[t] = a
+                self._tokens += a.size
+            while self._tokens > self._max:
+                _, dropped = self._items.popitem(last=False)
+                self._tokens -= dropped.size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+
+class _Worker:
+    """One thread's batchers (one per row cap), IOBinding and logits buffer: nothing shared.
+
+    It holds no reference to its CrossEncoder (no cycle), so the model is freed promptly and its
+    workers' bindings go before its session (see CrossEncoder.__init__).
+    """
+
+    _MAX_BATCHERS = 4  # distinct per-call batch sizes kept; more are rebuilt on demand
+
+    def __init__(self, session: Any, out_dtype: np.dtype[Any]) -> None:
+        self.batchers: dict[int, PairBatcher] = {}
+        self.binding = session.io_binding()
+        self.out = np.empty(0, dtype=out_dtype)
+
+    def batcher(self, o: CrossEncoder, max_batch_size: int) -> PairBatcher:
+        b = self.batchers.get(max_batch_size)
+        if b is None:
+            if len(self.batchers) >= self._MAX_BATCHERS:
+                self.batchers.clear()
+            b = PairBatcher(
+                o._template,
+                max_length=o.max_length,
+                batch_tokens=o.batch_tokens,
+                max_batch_size=max_batch_size,
+                dtype=o._in_dtype,
+            )
+            self.batchers[max_batch_size] = b
+            rows = min(max_batch_size, o.batch_tokens)
+            if self.out.size < rows * o.n_labels:
+                self.out = np.empty(rows * o.n_labels, dtype=o._out_dtype)
+        return b
+
+    def run(self, o: CrossEncoder, assembly: Assembly, logits: npt.NDArray[np.float32]) -> None:
+        """Scores every batch of ``assembly`` into ``logits`` [candidates, n_labels] (input order)."""
+        for batch in assembly.batches:
+            rows, seq = batch.input_ids.shape
+            feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            if o._has_types:
+                feeds["token_type_ids"] = batch.token_type_ids
+            for name, arr in feeds.items():
+                # Views into the batcher's buffers: contiguous, alive until its next assembly.
+                self.binding.bind_input(name, "cpu", 0, o._in_dtype, (rows, seq), arr.ctypes.data)
+            n_out = rows * o.n_labels
+            if o.device == "cuda":  # UNTESTED (no GPU where this was written): ORT copies to/from the device
+                self.binding.bind_output(o._out_name, "cuda")
+            else:
+                self.binding.bind_output(o._out_name, "cpu", 0, o._out_dtype, (rows, o.n_labels), self.out.ctypes.data)
+            try:
+                o._session.run_with_iobinding(self.binding)
+            except Exception as e:  # ORT's own exception types
+                raise ModelError(f"ONNX Runtime failed on a batch of shape ({rows}, {seq}): {e}") from e
+            if o.device == "cuda":
+                got = np.asarray(self.binding.copy_outputs_to_cpu()[0]).reshape(rows, o.n_labels)
+            else:
+                got = self.out[:n_out].reshape(rows, o.n_labels)
+            logits[batch.rows] = got
+
+
+class CrossEncoder:
+    """A cross-encoder reranker on ONNX Runtime.
+
+    Pairs are tokenized once (the query once per call, documents through an LRU token cache),
+    assembled by the native core into length-sorted, minimally padded batches, and scored through
+    IOBinding over the core's reusable buffers. Thread-safe: each thread gets its own batcher and
+    binding; the ONNX Runtime session is shared.
+
+    Args:
+        model_dir: A model directory: config.json, tokenizer.json (and its other tokenizer files)
+            and the ONNX graph at ``onnx/model.onnx`` or ``model.onnx`` (see ``tailrank export``).
+        device: ``"auto"`` (CUDA when onnxruntime-gpu sees a GPU, else the CPU), ``"cpu"`` or
+            ``"cuda"`` (falls back to the CPU with a warning).
+        max_length: Longest pair in tokens, special tokens included. Default: the tokenizer's
+            ``model_max_length`` capped by the model's position embeddings.
+        batch_tokens: Budget per batch, rows x padded length (default on the CPU: 2048, or
+            max_length if larger).
+        max_batch_size: Row cap per batch (default 64 on the CPU).
+        activation: ``"default"``: as sentence-transformers, the sigmoid of the logit for
+            one-logit models and the softmax probability of label 1 for two-logit models.
+            ``"none"``: raw logits; for two-logit models :meth:`predict` then returns both logits
+            ([N, 2], as sentence-transformers) and :meth:`rank` orders by logit 1 - logit 0 (the
+            log-odds of label 1, which orders as the default score does).
+        threads: ONNX Runtime intra-op threads. Default: the CPUs this process may use (affinity
+            mask and cgroup quota).
+        cache_tokens: Capacity of the document token cache, in tokens.
+
+    Raises:
+        ModelError: Missing or invalid files, a graph that is not a cross-encoder (logits not
+            [N, 1] or [N, 2]), or a tokenizer whose vocabulary does not fit the model.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        max_length: int | None = None,
+        batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        activation: Activation = "default",
+        threads: int | None = None,
+        cache_tokens: int = 1 << 22,
+    ) -> None:
+        if activation not in ("default", "none"):
+            raise ValueError(f'activation must be "default" or "none", got {activation!r}')
+        if threads is not None:
+            positive_int(threads, "threads")
+        # First attribute on purpose: attributes are released in order, so the per-thread
+        # IOBindings go before the session they point into.
+        self._local = threading.local()
+        self.model_dir = Path(model_dir)
+        self.activation: Activation = activation
+        onnx_path = find_onnx(self.model_dir)
+        config = read_json(self.model_dir / "config.json", "config.json")
+        tok_path = self.model_dir / "tokenizer.json"
+        tok_config = read_json(self.model_dir / "tokenizer_config.json", "tokenizer_config.json") if (
+            self.model_dir / "tokenizer_config.json"
+        ).is_file() else {}
+        self._tokenizer = _load_tokenizer(tok_path)
+        try:
+            self._template = PairTemplate.from_tokenizer(tok_path)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"cannot read the pair template from {tok_path}: {e}") from e
+        self.vocab_size = _check_vocab(config, self._tokenizer, self._template, tok_path)
+
+        limit = position_limit(config)
+        if max_length is None:
+            self.max_length = default_max_length(config, tok_config)
+        else:
+            self.max_length = positive_int(max_length, "max_length")
+            if limit is not None and self.max_length > limit:
+                raise ValueError(f"max_length {self.max_length} exceeds the model's {limit} positions")
+        if self.max_length <= self._template.n_special:
+            raise ModelError(f"max_length {self.max_length} leaves no room for text after the special tokens")
+
+        self._session, self.device = load_session(onnx_path, device=device, threads=threads)
+        self._read_signature(onnx_path)
+        dflt_tokens, dflt_rows = _DEFAULTS[self.device]
+        self.max_batch_size = dflt_rows if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
+        self.batch_tokens = (
+            max(dflt_tokens, self.max_length) if batch_tokens is None else positive_int(batch_tokens, "batch_tokens")
+        )
+        if self.batch_tokens < self.max_length:
+            raise ValueError(f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length})")
+        self._doc_cap = self.max_length - self._template.n_special + 1
+        self._cache = _TokenCache(positive_int(cache_tokens, "cache_tokens", minimum=0))
+        self._probe()
+        self._warm_up()
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _read_signature(self, onnx_path: Path) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        unknown = sorted(set(inputs) - set(_KNOWN_INPUTS))
+        if unknown:
+            raise ModelError(f"{onnx_path} has inputs {unknown}; a cross-encoder takes only {list(_KNOWN_INPUTS)}")
+        for required in ("input_ids", "attention_mask"):
+            if required not in inputs:
+                raise ModelError(f"{onnx_path} has no {required} input; not a text cross-encoder")
+        dtypes = {i.type for i in inputs.values()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in _ORT_INT:
+            raise ModelError(f"{onnx_path} inputs must all be int64 or all int32, got {sorted(dtypes)}")
+        self._in_dtype = _ORT_INT[next(iter(dtypes))]
+        self._has_types = "token_type_ids" in inputs
+        self.input_names = tuple(n for n in _KNOWN_INPUTS if n in inputs)
+
+        outputs = self._session.get_outputs()
+        out = next((o for o in outputs if o.name == "logits"), outputs[0])
+        if out.type not in _ORT_FLOAT:
+            raise ModelError(f"{onnx_path} output {out.name!r} is {out.type}; expected float logits")
+        shape = list(out.shape)
+        if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] not in (1, 2)):
+            raise ModelError(
+                f"{onnx_path} output {out.name!r} has shape {shape}; a cross-encoder returns logits [N, 1] or [N, 2]"
+            )
+        self._out_name = out.name
+        self._out_dtype = _ORT_FLOAT[out.type]
+        self.n_labels = shape[1] if isinstance(shape[1], int) else 0  # 0: known after the probe
+
+    def _probe(self) -> None:
+        """One plain inference: checks the logits really are [N, 1] or [N, 2]."""
+        ids = [int(t) for k, t, _ in self._template.pieces if k == 0] or [self._template.pad_id]
+        feed = {}
+        for name in self.input_names:
+            arr = np.asarray([ids], dtype=self._in_dtype)
+            feed[name] = arr if name == "input_ids" else (np.ones_like(arr) if name == "attention_mask" else arr * 0)
+        try:
+            (got,) = self._session.run([self._out_name], feed)
+        except Exception as e:  # ORT's own exception types
+            raise ModelError(f"the model fails on a one-pair probe: {e}") from e
+        if got.ndim != 2 or got.shape[0] != 1 or got.shape[1] not in (1, 2):
+            raise ModelError(
+                f"the model returned {self._out_name!r} of shape {list(got.shape)} for one pair; "
+                "a cross-encoder returns logits [N, 1] or [N, 2]"
+            )
+        if self.n_labels and got.shape[1] != self.n_labels:
+            raise ModelError(f"the model declares {self.n_labels} logits but returned {got.shape[1]}")
+        self.n_labels = int(got.shape[1])
+
+    def _warm_up(self) -> None:
+        """Runs the largest batch and a few smaller shape buckets, so that the first request
+        finds ONNX Runtime's arena grown and kernels chosen."""
+        token = self._template.pad_id
+        body = self.max_length - self._template.n_special
+        worker = self._worker()
+        for length in sorted({body, min(body, 128), min(body, 32)}, reverse=True):
+            rows = min(self.max_batch_size, max(1, self.batch_tokens // self.max_length))
+            docs = [np.full(length - 1, token, dtype=np.int32)] * rows
+            assembly = worker.batcher(self, self.max_batch_size).assemble(np.full(1, token, np.int32), docs)
+            worker.run(self, assembly, np.empty((rows, self.n_labels), np.float32))
+
+    def _worker(self) -> _Worker:
+        w: _Worker | None = getattr(self._local, "worker", None)
+        if w is None:
+            w = _Worker(self._session, self._out_dtype)
+            self._local.worker = w
+        return w
+
+    # --- tokenization ------------------------------------------------------------------------
+
+    def _encode(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        encs = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def _doc_tokens(self, docs: Sequence[str], query_len: int) -> list[npt.NDArray[np.int32]]:
+        """Token ids of ``docs``; cached ids are cut at max_length - specials + 1 tokens, which
+        gives the same truncation as the full text whenever the query alone fits max_length."""
+        if query_len >= self._doc_cap:
+            return self._encode(docs)  # rare: a query this long makes long documents' true length matter
+        found = self._cache.get_many(docs)
+        missing = list(dict.fromkeys(d for d, f in zip(docs, found) if f is None))
+        if missing:
+            fresh = [a[: self._doc_cap].copy() if a.size > self._doc_cap else a for a in self._encode(missing)]
+            self._cache.put_many(missing, fresh)
+            by_text = dict(zip(missing, fresh))
+            found = [f if f is not None else by_text[d] for d, f in zip(docs, found)]
+        return found  # type: ignore[return-value]
+
+    # --- scoring -----------------------------------------------------------------------------
+
+    def _logits_for_query(
+        self, query: str, docs: Sequence[str], max_rows: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        worker = self._worker()
+        batcher = worker.batcher(self, max_rows)
+        (q_ids,) = self._encode([query])
+        logits = np.empty((len(docs), self.n_labels), dtype=np.float32)
+        truncated = np.zeros(len(docs), dtype=bool)
+        for start in range(0, len(docs), _DOCS_PER_ASSEMBLY):
+            chunk = docs[start : start + _DOCS_PER_ASSEMBLY]
+            assembly = batcher.assemble(q_ids, self._doc_tokens(chunk, q_ids.size))
+            worker.run(self, assembly, logits[start : start + len(chunk)])
+            truncated[start : start + len(chunk)] = assembly.truncated
+        return logits, truncated
+
+    def _scores(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.activation == "none":
+            return logits[:, 0].copy() if self.n_labels == 1 else logits
+        x = logits[:, 0] if self.n_labels == 1 else logits[:, 1] - logits[:, 0]  # softmax p1 = sigmoid(l1 - l0)
+        return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)  # overflow-free sigmoid
+
+    def _rank_scores(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.activation == "none" and self.n_labels == 2:
+            return (logits[:, 1] - logits[:, 0]).astype(np.float32)
+        return self._scores(logits)
+
+    def predict(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None) -> npt.NDArray[np.float32]:
+        """Scores (query, document) pairs.
+
+        Args:
+            pairs: ``(query, document)`` string pairs; queries may differ (pairs are grouped by
+                query, each query tokenized once).
+            batch_size: Row cap per batch for this call (default: ``max_batch_size``).
+
+        Returns:
+            float32 scores in input order: [N], or [N, 2] for two-logit models with
+            ``activation="none"``.
+        """
+        rows = self.max_batch_size if batch_size is None else positive_int(batch_size, "batch_size")
+        items = list(pairs)
+        groups: dict[str, list[int]] = {}
+        for i, pair in enumerate(items):
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
+                raise TypeError(f"pair {i} must be a (query, document) pair of strings, got {pair!r:.80}")
+            groups.setdefault(pair[0], []).append(i)
+        logits = np.empty((len(items), self.n_labels), dtype=np.float32)
+        for query, idx in groups.items():
+            got, _ = self._logits_for_query(query, [items[i][1] for i in idx], rows)
+            logits[idx] = got
+        return self._scores(logits)
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_k: int | None = None,
+        return_documents: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Ranks documents for one query, best first (ties in input order).
+
+        Returns:
+            Dicts with ``corpus_id`` (the document's index), ``score``, ``truncated`` (whether the
+            pair was cut to max_length) and, with ``return_documents``, ``text``.
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        docs = list(documents)
+        for i, d in enumerate(docs):
+            if not isinstance(d, str):
+                raise TypeError(f"document {i} must be a string, got {type(d).__name__}")
+        if not docs:
+            return []
+        logits, truncated = self._logits_for_query(query, docs, self.max_batch_size)
+        scores = self._rank_scores(logits)
+        out = []
+        for i in _top(scores, top_k):
+            row: dict[str, Any] = {"corpus_id": int(i), "score": float(scores[i]), "truncated": bool(truncated[i])}
+            if return_documents:
+                row["text"] = docs[i]
+            out.append(row)
+        return out
+
+    def rank_ids(
+        self, query: str, store: DocStore, ids: npt.ArrayLike, *, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Ranks pre-tokenized documents held in a DocStore (tokenized with this model's
+        tokenizer, without special tokens), best first.
+
+        Returns:
+            Dicts with ``corpus_id`` (the store id), ``score`` and ``truncated``.
+
+        Raises:
+            UnknownIdError: An id is not in the store.
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        if store.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the DocStore's vocab_size {store.vocab_size} exceeds the model's {self.vocab_size}; "
+                "tokenize documents with this model's tokenizer"
+            )
+        id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if id_arr.size == 0:
+            return []
+        worker = self._worker()
+        batcher = worker.batcher(self, self.max_batch_size)
+        (q_ids,) = self._encode([query])
+        logits = np.empty((id_arr.size, self.n_labels), dtype=np.float32)
+        truncated = np.zeros(id_arr.size, dtype=bool)
+        for start in range(0, id_arr.size, _DOCS_PER_ASSEMBLY):
+            chunk = id_arr[start : start + _DOCS_PER_ASSEMBLY]
+            assembly = batcher.assemble_from_store(q_ids, store, chunk)
+            worker.run(self, assembly, logits[start : start + chunk.size])
+            truncated[start : start + chunk.size] = assembly.truncated
+        scores = self._rank_scores(logits)
+        return [
+            {"corpus_id": int(id_arr[i]), "score": float(scores[i]), "truncated": bool(truncated[i])}
+            for i in _top(scores, top_k)
+        ]
+
+    def tokenize_documents(self, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        """Token ids of documents (no special tokens, untruncated), e.g. for ``DocStore.add``."""
+        return self._encode(list(documents))
+
+    def __repr__(self) -> str:
+        return (
+            f"CrossEncoder({str(self.model_dir)!r}, device={self.device!r}, max_length={self.max_length}, "
+            f"n_labels={self.n_labels}, inputs={list(self.input_names)}, dtype={self._in_dtype})"
+        )
+
+
+def _top(scores: npt.NDArray[np.float32], top_k: int | None) -> npt.NDArray[np.int64]:
+    order = np.argsort(-scores.astype(np.float64), kind="stable")
+    if top_k is not None:
+        order = order[: positive_int(top_k, "top_k")]
+    return order
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ModelError(f"tokenizer.json is missing: {path} (a fast tokenizer file is required)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
+        raise ModelError(f"cannot load {path}: {e}") from e
+    # Truncation and padding are the core's job; the tokenizer only splits text into ids.
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _check_vocab(config: dict[str, Any], tokenizer: Any, template: PairTemplate, tok_path: Path) -> int:
+    model_vocab = config.get("vocab_size")
+    if not isinstance(model_vocab, int) or model_vocab <= 0:
+        raise ModelError("config.json has no valid vocab_size")
+    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if tok_vocab > model_vocab:
+        raise ModelError(
+            f"the tokenizer ({tok_path}) has {tok_vocab} tokens but the model embeds only {model_vocab}; "
+            "the tokenizer does not belong to this model"
+        )
+    specials = [t for k, t, _ in template.pieces if k == 0] + [template.pad_id]
+    if max(specials) >= model_vocab:
+        raise ModelError(f"special token id {max(specials)} is outside the model's vocabulary of {model_vocab}")
+    return model_vocab

@@ -1,0 +1,311 @@
+"""``tailrank optimize``: ONNX Runtime transformer fusions and a lower precision, gated by fidelity.
+
+The optimized model is scored against the fp32 model on sample pairs; below the thresholds
+(Kendall tau, top-1 kept) nothing is written unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ort import find_onnx, read_json
+from .errors import ModelError
+from .export import atomic_output_dir, copy_model_files
+
+__all__ = ["optimize", "fidelity", "FidelityError", "builtin_sample_pairs", "Precision"]
+
+Precision = Literal["fp32", "int8", "fp16", "bf16"]
+SampleSet = list[tuple[str, list[str]]]  # (query, documents)
+
+
+class FidelityError(ModelError):
+    """The optimized model ranks too differently from the fp32 model; ``report`` says how."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def optimize(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    precision: Precision = "fp32",
+    force: bool = False,
+    sample_pairs: str | os.PathLike[str] | SampleSet | None = None,
+    min_tau: float = 0.95,
+    min_top1: float = 0.95,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Fuses (and optionally quantizes or converts) a model directory into ``out_dir``.
+
+    Args:
+        model_dir: A model directory made by ``tailrank export`` (fp32).
+        out_dir: The directory to create: ``onnx/model.onnx``, the tokenizer and config files and
+            ``fidelity.json``. Written atomically; nothing is written when refused.
+        precision: ``"fp32"`` (fusions only), ``"int8"`` (dynamic, per-channel weights),
+            ``"fp16"`` (float32 inputs and outputs kept) or ``"bf16"`` (refused where ONNX Runtime
+            has no bfloat16 kernels, as on its CPU provider).
+        force: Write even below the thresholds (and replace an existing ``out_dir``).
+        sample_pairs: JSONL path of ``{"query": ..., "documents": [...]}`` lines, or a list of
+            ``(query, documents)``; default: pairs generated from the tokenizer's vocabulary.
+        min_tau: Least mean per-query Kendall tau vs fp32.
+        min_top1: Least share of queries whose fp32 top document stays first.
+        threads: ONNX Runtime intra-op threads for the fidelity check.
+
+    Returns:
+        The fidelity report (also written as ``fidelity.json``).
+
+    Raises:
+        FidelityError: Below the thresholds without ``force`` (nothing written).
+        ModelError: Missing files, an unsupported precision, or a failing tool.
+    """
+    if precision not in ("fp32", "int8", "fp16", "bf16"):
+        raise ModelError(f"precision must be fp32, int8, fp16 or bf16, got {precision!r}")
+    src_dir = Path(model_dir)
+    src = find_onnx(src_dir)
+    config = read_json(src_dir / "config.json", "config.json")
+    if precision == "bf16":
+        raise ModelError(_bf16_refusal())
+    samples = _load_samples(sample_pairs, src_dir)
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        (tmp / "onnx").mkdir()
+        target = tmp / "onnx" / "model.onnx"
+        fused = _fuse(src, config)
+        if precision == "fp16":
+            fused.convert_float_to_float16(keep_io_types=True)
+        if precision == "int8":
+            with tempfile.TemporaryDirectory() as scratch:
+                fused_path = Path(scratch) / "fused.onnx"
+                fused.save_model_to_file(str(fused_path))
+                _quantize_int8(fused_path, target)
+        else:
+            fused.save_model_to_file(str(target))
+        copy_model_files(src_dir, tmp)
+        report = fidelity(src_dir, tmp, samples, threads=threads)
+        report.update(
+            precision=precision,
+            fused_operators={k: v for k, v in fused.get_fused_operator_statistics().items() if v},
+            thresholds={"kendall_tau": min_tau, "top1_kept": min_top1},
+        )
+        passed = report["kendall_tau"] >= min_tau and report["top1_kept"] >= min_top1
+        report["passed"] = bool(passed)
+        if not passed and not force:
+            raise FidelityError(
+                f"{precision} model below the fidelity thresholds (Kendall tau {report['kendall_tau']:.4f} vs "
+                f">= {min_tau}, top-1 kept {report['top1_kept']:.3f} vs >= {min_top1}); nothing written "
+                "(pass --force to write it anyway)",
+                report,
+            )
+        (tmp / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def _fuse(src: Path, config: dict[str, Any]) -> Any:
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:
+        raise ModelError(f"tailrank optimize needs onnx and onnxruntime: pip install 'tailrank[export]' ({e})") from e
+    heads = config.get("num_attention_heads", config.get("n_heads", 0))
+    hidden = config.get("hidden_size", config.get("dim", 0))
+    try:
+        # model_type "bert" covers the encoder families we export (BERT, DistilBERT, ELECTRA,
+        # RoBERTa, XLM-R): the fusion patterns are the same.
+        return optimize_model(str(src), model_type="bert", num_heads=int(heads), hidden_size=int(hidden))
+    except Exception as e:  # the optimizer raises whatever its passes raise
+        raise ModelError(f"ONNX Runtime's transformer optimizer failed on {src}: {e}") from e
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    # The quantizer advises static-shape pre-processing on the root logger; it does not apply to
+    # dynamic quantization of a dynamic-shape model.
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            # Shape inference cannot type the outputs of fused contrib ops (Attention, ...); they are float.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    except Exception as e:  # the quantizer raises whatever its passes raise
+        raise ModelError(f"int8 dynamic quantization failed: {e}") from e
+    finally:
+        root.setLevel(level)
+
+
+def _bf16_refusal() -> str:
+    """Why --bf16 is refused here: a probe shows whether this onnxruntime has bf16 MatMul on the CPU."""
+    import onnxruntime as ort
+
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        return "--bf16 needs the onnx package, and this onnxruntime's CPU provider has no bfloat16 kernels"
+    a = helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [1, 1])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "a"], ["b"])], "probe", [a],
+                              [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # NOT_IMPLEMENTED is the expected answer on the CPU provider
+        return (
+            "--bf16 is not feasible: this onnxruntime's CPU provider has no bfloat16 MatMul kernel "
+            f"(onnxruntime {ort.__version__}); use --int8 (fastest on the CPU) or --fp16 (GPU)"
+        )
+    return "--bf16 is not implemented yet, although this onnxruntime has a bfloat16 MatMul kernel; use --int8"
+
+
+# --- fidelity -------------------------------------------------------------------------------
+
+
+def fidelity(
+    reference_dir: str | os.PathLike[str],
+    candidate_dir: str | os.PathLike[str],
+    samples: SampleSet,
+    *,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Compares a candidate model's logits and per-query rankings with the reference model's.
+
+    Returns:
+        ``max_abs_logit_diff``, ``kendall_tau`` (mean over queries; ``kendall_tau_min``),
+        ``top10_overlap`` (mean share of the fp32 top 10 kept), ``top1_kept`` (share of queries),
+        ``queries`` and ``pairs``.
+    """
+    from .cross_encoder import CrossEncoder
+
+    ref = CrossEncoder(reference_dir, activation="none", device="cpu", threads=threads)
+    cand = CrossEncoder(candidate_dir, activation="none", device="cpu", threads=threads)
+    worst = 0.0
+    taus, overlaps, kept = [], [], []
+    for query, docs in samples:
+        pairs = [(query, d) for d in docs]
+        a = ref.predict(pairs)
+        b = cand.predict(pairs)
+        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+        ra, rb = _ranking_score(a), _ranking_score(b)
+        taus.append(kendall_tau(ra, rb))
+        k = min(10, len(docs))
+        top_a = set(np.argsort(-ra, kind="stable")[:k].tolist())
+        top_b = set(np.argsort(-rb, kind="stable")[:k].tolist())
+        overlaps.append(len(top_a & top_b) / k)
+        kept.append(int(np.argmax(ra)) == int(np.argmax(rb)))
+    return {
+        "max_abs_logit_diff": worst,
+        "kendall_tau": float(np.mean(taus)),
+        "kendall_tau_min": float(np.min(taus)),
+        "top10_overlap": float(np.mean(overlaps)),
+        "top1_kept": float(np.mean(kept)),
+        "queries": len(samples),
+        "pairs": sum(len(d) for _, d in samples),
+    }
+
+
+def _ranking_score(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    x = logits.astype(np.float64)
+    return x if x.ndim == 1 else x[:, 1] - x[:, 0]  # two logits: the log-odds of label 1
+
+
+def kendall_tau(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
+    """Kendall's tau-b (ties handled as scipy.stats.kendalltau does); 1.0 for fewer than 2 items
+    or when both rankings are constant."""
+    if a.size < 2:
+        return 1.0
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(a.size, k=1)
+    da, db = da[iu], db[iu]
+    concordance = float((da * db).sum())
+    denom = float(np.sqrt(np.count_nonzero(da) * np.count_nonzero(db)))
+    if denom == 0.0:
+        return 1.0 if not np.any(da) and not np.any(db) else 0.0
+    return concordance / denom
+
+
+def _load_samples(sample_pairs: Any, model_dir: Path) -> SampleSet:
+    if sample_pairs is None:
+        return builtin_sample_pairs(model_dir)
+    if isinstance(sample_pairs, (str, os.PathLike)):
+        out: SampleSet = []
+        try:
+            with open(sample_pairs, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        out.append((str(row["query"]), [str(d) for d in row["documents"]]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(
+                f'cannot read sample pairs from {sample_pairs}: {e}; expected lines of {{"query": ..., "documents": [...]}}'
+            ) from e
+    else:
+        out = [(str(q), [str(d) for d in docs]) for q, docs in sample_pairs]
+    if not out or any(len(d) < 2 for _, d in out):
+        raise ModelError("sample pairs need at least one query, each with at least 2 documents")
+    return out
+
+
+def builtin_sample_pairs(model_dir: str | os.PathLike[str], *, queries: int = 20, docs: int = 20, seed: int = 0) -> SampleSet:
+    """Seeded (query, documents) samples built from the tokenizer's word-like vocabulary.
+
+    Each document repeats a varying share of its query's words among random ones, so the
+    reference model's scores spread and rankings are meaningful rather than ties of noise.
+    """
+    words = _vocab_words(Path(model_dir) / "tokenizer.json")
+    rng = random.Random(seed)
+    out: SampleSet = []
+    for _ in range(queries):
+        query = rng.sample(words, k=min(len(words), rng.randint(3, 8)))
+        documents = []
+        for j in range(docs):
+            share = j / docs
+            n = rng.randint(8, 60)
+            body = [rng.choice(query) if rng.random() < share else rng.choice(words) for _ in range(n)]
+            documents.append(" ".join(body))
+        rng.shuffle(documents)
+        out.append((" ".join(query), documents))
+    return out
+
+
+_MARKERS = re.compile(r"^(Ġ|▁|##)")
+
+
+def _vocab_words(tokenizer_json: Path) -> list[str]:
+    spec = read_json(tokenizer_json, "tokenizer.json")
+    vocab = (spec.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        tokens = list(vocab)
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        tokens = [v[0] for v in vocab]
+    else:
+        tokens = []
+    specials = {t.get("content") for t in spec.get("added_tokens", [])}
+    words = []
+    for t in tokens:
+        if t in specials or t.startswith("##"):
+            continue
+        w = _MARKERS.sub("", t)
+        if len(w) >= 3 and w.isalpha():
+            words.append(w)
+    words = sorted(set(words))
+    if len(words) < 20:
+        raise ModelError(f"{tokenizer_json} has too few word-like tokens for built-in samples; pass --sample-pairs")
+    return words
