@@ -125,9 +125,23 @@ class VectorIndex:
             first, id -1 where fewer than k exist. Scores are similarities for cosine and ip
             (higher is better) and squared distances for l2 (lower is better).
         """
+        compiled = self._compiled
+        if (
+            type(queries) is np.ndarray
+            and queries.dtype == np.float32
+            and queries.shape == (compiled.dim,)
+            and queries.flags.c_contiguous
+            and type(k) is int
+            and k >= 0
+            and allow is None
+            and (ef is None or (type(ef) is int and ef > 0))
+        ):
+            # Service hot path: one contiguous float32 query, checked in the core (GIL released).
+            ids, scores = compiled.search(queries.reshape(1, -1), k, ef or 0, None, 1)
+            return ids[0], scores[0]
         mat, single = as_float_matrix(queries, self.dim, "queries")
         k = positive_int(k, "k", minimum=0)
-        ids, scores = self._compiled.search(
+        ids, scores = compiled.search(
             mat,
             k,
             0 if ef is None else positive_int(ef, "ef"),
