@@ -1,5 +1,6 @@
 // Bindings of DocStore, PairAssembler and the fused retrieve_and_assemble call.
 #include "bind_common.hpp"
+#include "cuda_host.hpp"
 #include "doc_store.hpp"
 #include "fused.hpp"
 #include "pairs.hpp"
@@ -184,6 +185,10 @@ void bind_text(py::module_& m) {
              auto& a = self.cast<PairAssembler&>();
              return buffer_view(self, a.token_type_ids(), a.total_elements(), a.options().int32);
            })
+      .def(
+          "use_pinned_memory",
+          [](PairAssembler& self, const std::string& library) { self.set_allocator(pinned_allocator(library)); },
+          py::arg("library") = "")
       .def("truncate_lengths", &PairAssembler::truncate_lengths, py::arg("query_len"), py::arg("doc_len"))
       .def_property_readonly("buffer_bytes", &PairAssembler::buffer_bytes)
       .def_property_readonly("max_length", [](const PairAssembler& a) { return a.options().max_length; })

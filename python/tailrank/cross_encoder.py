@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._ort import default_max_length, find_onnx, load_session, position_limit, read_json
+from ._ort import default_max_length, find_onnx, load_session, position_limit, read_json, log
 from ._validate import positive_int
 from .docstore import DocStore
 from .errors import ModelError
@@ -100,6 +100,11 @@ class _Worker:
                 max_batch_size=max_batch_size,
                 dtype=o._in_dtype,
             )
+            if o.device == "cuda":  # UNTESTED on a GPU: stage inputs in pinned host memory
+                try:
+                    b.use_pinned_memory()
+                except RuntimeError as e:
+                    log.warning("tailrank: pinned host memory unavailable (%s); staging in pageable memory", e)
             self.batchers[max_batch_size] = b
             rows = min(max_batch_size, o.batch_tokens)
             if self.out.size < rows * o.n_labels:

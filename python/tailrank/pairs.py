@@ -225,6 +225,12 @@ class PairBatcher:
         """Bytes held by the reusable tensor buffers."""
         return self._compiled.buffer_bytes
 
+    def use_pinned_memory(self, library: str = "") -> None:
+        """Moves the tensor buffers to pinned host memory from the CUDA runtime (loaded at run
+        time, never linked), so host-to-device copies run at full speed. Raises RuntimeError when
+        no CUDA runtime can be loaded; the buffers then stay as they were."""
+        self._compiled.use_pinned_memory(str(library))
+
     def truncate_lengths(self, query_len: int, doc_len: int) -> tuple[int, int]:
         """Tokens kept of a (query, document) pair under this batcher's truncation."""
         return self._compiled.truncate_lengths(query_len, doc_len)

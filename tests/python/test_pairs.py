@@ -618,3 +618,22 @@ def test_from_tokenizer_reads_paths(minilm: tuple[Tokenizer, Tokenizer, PairTemp
     assert template == PairTemplate.bert(101, 102, 0)
     with pytest.raises(TypeError, match="tokenizer"):
         PairTemplate.from_tokenizer(42)
+
+
+def test_pinned_memory_keeps_results_or_refuses_cleanly() -> None:
+    """Pinned staging comes from a CUDA runtime loaded at run time: with a GPU the batches are the
+    same; without one the call raises RuntimeError and the batcher keeps working unchanged."""
+    template = PairTemplate.bert(101, 102, 0)
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    plain = PairBatcher(template, max_length=16, batch_tokens=32)
+    pinned = PairBatcher(template, max_length=16, batch_tokens=32)
+    try:
+        pinned.use_pinned_memory()
+    except RuntimeError as e:
+        assert "CUDA" in str(e)
+    a, b = plain.assemble([1, 2], docs), pinned.assemble([1, 2], docs)
+    assert len(a.batches) == len(b.batches)
+    for x, y in zip(a.batches, b.batches):
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.attention_mask, y.attention_mask)
+        np.testing.assert_array_equal(x.rows, y.rows)
