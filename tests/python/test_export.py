@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tailrank
+
 import models
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-onnx = pytest.importorskip("onnx")
+import onnx  # noqa: E402
 
 from tailrank import CrossEncoder  # noqa: E402
 from tailrank.cli import main  # noqa: E402
@@ -24,7 +23,6 @@ from tailrank.errors import ModelError  # noqa: E402
 from tailrank.export import export  # noqa: E402
 from tailrank.optimize import FidelityError, builtin_sample_pairs, kendall_tau, optimize  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _graph_io(model_dir: Path) -> tuple[dict[str, tuple[int, list[object]]], list[object]]:
@@ -58,7 +56,9 @@ def test_export_writes_a_ready_model_dir(tmp_path_factory, family, types):
 
 def test_cli_export_in_a_subprocess(tmp_path):
     hf_dir = models.build_checkpoint("bert", tmp_path / "hf", num_labels=2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    # The child imports the same tailrank as this process (installed, or an in-place build).
+    here = os.path.dirname(os.path.dirname(tailrank.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "tailrank.cli", "export", str(hf_dir), str(tmp_path / "out")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -158,7 +158,7 @@ def test_builtin_samples_and_kendall_tau(tmp_path_factory):
     for family in ("bert", "roberta", "xlm-roberta"):
         s = builtin_sample_pairs(models.exported(tmp_path_factory, family, 1)[1], queries=3, docs=12)
         assert len(s) == 3 and all(len(d) == 12 for _, d in s)
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats
     rng = np.random.default_rng(0)
     for _ in range(5):
         a = rng.integers(0, 6, 30).astype(float)  # ties on purpose
