@@ -195,3 +195,24 @@ def recall_fixture() -> Callable[[npt.ArrayLike, npt.ArrayLike], float]:
 @pytest.fixture(name="damaged_copies", scope="session")
 def damaged_copies_fixture() -> Callable[[Path, Path, Path], dict[str, Path]]:
     return damaged_copies
+
+
+def assert_all_corrupt(load: Callable[[Path], object], damaged: dict[str, Path]) -> None:
+    """Every damaged file must raise CorruptFileError naming its path (never load, never crash)."""
+    from tailrank.errors import CorruptFileError
+
+    outcomes = {}
+    for name, path in damaged.items():
+        try:
+            load(path)
+            outcomes[name] = "loaded"
+        except CorruptFileError as e:
+            assert str(path) in str(e)
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcomes[name] = repr(e)
+    assert not outcomes, f"not refused as CorruptFileError: {outcomes}"
+
+
+@pytest.fixture(name="assert_all_corrupt", scope="session")
+def assert_all_corrupt_fixture() -> Callable[[Callable[[Path], object], dict[str, Path]], None]:
+    return assert_all_corrupt
