@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("model_dir", help="model directory made by `tailrank export`")
     o.add_argument("out_dir", help="model directory to create")
     prec = o.add_mutually_exclusive_group()
-    prec.add_argument("--int8", action="store_true", help="dynamic int8 quantization (per channel)")
+    prec.add_argument("--int8", action="store_true", help="8-bit weights (MatMulNBits, blockwise) with int8 compute; attention QKV kept fp32")
     prec.add_argument("--fp16", action="store_true", help="float16 weights and compute (float32 inputs/outputs)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 (refused where ONNX Runtime cannot run it)")
     o.add_argument("--force", action="store_true", help="write even below the fidelity thresholds; replace out_dir")
