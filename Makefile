@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench clean
+.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench bench-scorer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,11 @@ test-py: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py --data $(DATA)
+
+# Cross-encoder scoring vs sentence-transformers, plain onnxruntime and FlashRank (~20 min on 2 cores).
+bench-scorer: install
+	$(BIN)/python benchmarks/bench_scorer.py --data $(DATA) --model $(SHARED)/models/scifact-minilm-l6-ce \
+	  --queries 20 --threads 2 --work .cache/bench
 
 clean:
 	rm -rf build $(VENV)
