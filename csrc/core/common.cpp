@@ -106,12 +106,6 @@ void atomic_write(const std::string& path, const std::vector<std::pair<const voi
   finish_atomic(fd, tmp, path);
 }
 
-void atomic_write_with_file(const std::string& path, const void* header, size_t header_size,
-                            const std::string& src) {
-  std::vector<char> body = read_file(src);
-  atomic_write(path, {{header, header_size}, {body.data(), body.size()}});
-}
-
 std::vector<char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw CorruptFileError("cannot open " + path + " for reading");

@@ -37,10 +37,6 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 /// fsync, rename over `path`, fsync of the directory.
 void atomic_write(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts);
 
-/// Copies file `src` into `path` atomically after a header; used where a library writes its own file.
-void atomic_write_with_file(const std::string& path, const void* header, size_t header_size,
-                            const std::string& src);
-
 /// Reads a whole file; CorruptFileError if it cannot be read.
 std::vector<char> read_file(const std::string& path);
 

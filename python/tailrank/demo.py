@@ -10,6 +10,7 @@ numpy); a neural embedder plugs into the same VectorIndex.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import tempfile
@@ -25,11 +26,18 @@ from ._beir import find_tokenizer, iter_corpus, load_qrels, load_queries
 DIM = 384
 
 
+@functools.lru_cache(maxsize=4)
+def _hash_table(vocab_size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Bucket and sign of every token id (seeded): built once per vocabulary."""
+    rng = np.random.default_rng(0)
+    bucket = rng.integers(0, DIM, size=vocab_size)
+    sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=vocab_size)
+    return bucket, sign
+
+
 def hashed_embedding(token_lists: list[list[int]], idf: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Feature-hashes tf-idf weighted token ids into DIM signed buckets (seeded, deterministic)."""
-    rng = np.random.default_rng(0)
-    bucket = rng.integers(0, DIM, size=idf.shape[0])
-    sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=idf.shape[0])
+    bucket, sign = _hash_table(int(idf.shape[0]))
     out = np.zeros((len(token_lists), DIM), dtype=np.float32)
     for i, toks in enumerate(token_lists):
         ids = np.asarray(toks, dtype=np.int64)
