@@ -19,7 +19,7 @@ venv: $(BIN)/python
 # Installs the package (non-editable; build dir cached under build/) with test and bench extras.
 install: venv
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q ".[test,bench,export]"
+	$(BIN)/pip install -q ".[test,bench,export,serve,eval]"
 
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 500

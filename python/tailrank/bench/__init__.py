@@ -1,0 +1,1 @@
+"""tailrank bench (in progress)."""

@@ -1,0 +1,1 @@
+"""tailrank serve (in progress)."""

@@ -1,0 +1,14 @@
+"""``tailrank serve`` (placeholder until the pipeline lands)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError(args.command)
