@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -141,3 +142,15 @@ def load_session(path: Path, *, device: str = "cpu", threads: int | None = None)
         log.warning("tailrank: the CUDA execution provider failed to initialise; scoring on the CPU")
         used = "cpu"
     return session, used
+
+
+def file_fingerprint(*paths: Path) -> str:
+    """Hex sha256 over the bytes of ``paths`` (in order, each prefixed by its size): identifies a
+    model's weights and tokenizer, e.g. in a Collection's manifest."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.stat().st_size.to_bytes(8, "little"))
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

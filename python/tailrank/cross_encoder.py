@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._ort import default_max_length, find_onnx, load_session, position_limit, read_json, log
+from ._ort import default_max_length, file_fingerprint, find_onnx, load_session, position_limit, read_json, log
 from ._validate import positive_int
 from .docstore import DocStore
 from .errors import ModelError
@@ -111,9 +113,20 @@ class _Worker:
                 self.out = np.empty(rows * o.n_labels, dtype=o._out_dtype)
         return b
 
-    def run(self, o: CrossEncoder, assembly: Assembly, logits: npt.NDArray[np.float32]) -> None:
-        """Scores every batch of ``assembly`` into ``logits`` [candidates, n_labels] (input order)."""
+    def run(
+        self,
+        o: CrossEncoder,
+        assembly: Assembly,
+        logits: npt.NDArray[np.float32],
+        deadline: float | None = None,
+        scored: npt.NDArray[np.bool_] | None = None,
+    ) -> None:
+        """Scores the batches of ``assembly`` in order into ``logits`` [candidates, n_labels]
+        (input order). With ``deadline`` (a ``time.monotonic()`` value) it stops before the first
+        batch that would start at or after it; ``scored`` then marks the rows done."""
         for batch in assembly.batches:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             rows, seq = batch.input_ids.shape
             feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             if o._has_types:
@@ -135,6 +148,8 @@ class _Worker:
             else:
                 got = self.out[:n_out].reshape(rows, o.n_labels)
             logits[batch.rows] = got
+            if scored is not None:
+                scored[batch.rows] = True
 
 
 class CrossEncoder:
@@ -215,6 +230,7 @@ class CrossEncoder:
 
         self._session, self.device = load_session(onnx_path, device=device, threads=threads)
         self._read_signature(onnx_path)
+        self.fingerprint = file_fingerprint(onnx_path, tok_path)
         dflt_tokens, dflt_rows = _DEFAULTS[self.device]
         self.max_batch_size = dflt_rows if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
         self.batch_tokens = (
@@ -438,6 +454,45 @@ class CrossEncoder:
             {"corpus_id": int(id_arr[i]), "score": float(scores[i]), "truncated": bool(truncated[i])}
             for i in _top(scores, top_k)
         ]
+
+    # --- building blocks for schedulers (the server, Collection.search) ----------------------
+
+    def batcher(self, max_batch_size: int | None = None) -> PairBatcher:
+        """This thread's PairBatcher for this model (template, max_length, token budget, input
+        dtype; pinned staging on CUDA). Its buffers are reused by its next assembly."""
+        rows = self.max_batch_size if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
+        return self._worker().batcher(self, rows)
+
+    def score_assembly(
+        self, assembly: Assembly, *, deadline: float | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Runs the batches of an assembly made by this thread's :meth:`batcher`, in order.
+
+        Args:
+            assembly: From ``self.batcher().assemble*`` on this thread, before its next assembly.
+            deadline: A ``time.monotonic()`` value: no batch starts at or after it.
+
+        Returns:
+            ``(logits, scored)``: float32 [candidates, n_labels] in the assembly's candidate order
+            (NaN where not scored) and the bool mask of the scored candidates.
+        """
+        n = assembly.truncated.size
+        logits = np.full((n, self.n_labels), np.nan, dtype=np.float32)
+        scored = np.zeros(n, dtype=bool)
+        self._worker().run(self, assembly, logits, deadline, scored)
+        return logits, scored
+
+    def scores_from_logits(self, logits: npt.ArrayLike, *, raw: bool = False) -> npt.NDArray[np.float32]:
+        """One ranking score per row of ``logits`` [n, n_labels]: as :meth:`rank` returns them, or
+        with ``raw`` the logit (one-logit models) or logit 1 - logit 0 (two-logit models)."""
+        x = np.asarray(logits, dtype=np.float32).reshape(-1, self.n_labels)
+        if raw:
+            return (x[:, 0] if self.n_labels == 1 else x[:, 1] - x[:, 0]).astype(np.float32)
+        return self._rank_scores(x)
+
+    def tokenize(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        """Token ids of ``texts`` (no special tokens, untruncated)."""
+        return self._encode(list(texts))
 
     def tokenize_documents(self, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
         """Token ids of documents (no special tokens, untruncated), e.g. for ``DocStore.add``."""

@@ -407,3 +407,29 @@ def test_bad_arguments(bert):
         ce.predict(["just a string"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="document 1"):
         ce.rank("q", ["ok", 3])  # type: ignore[list-item]
+
+
+def test_building_blocks_match_rank_and_stop_at_a_deadline(bert):
+    """batcher + score_assembly + scores_from_logits (what the server and Collection use) give
+    rank()'s scores; a past deadline scores nothing; the fingerprint names the files."""
+    import time
+
+    ce = CrossEncoder(bert[1], threads=2, max_batch_size=4)
+    rng = random.Random(7)
+    docs = [models.sample_text(rng, rng.randint(0, 60)) for _ in range(13)]
+    by_rank = {r["corpus_id"]: r["score"] for r in ce.rank("gene expression", docs)}
+    (q,) = ce.tokenize(["gene expression"])
+    assembly = ce.batcher().assemble(q, ce.tokenize(docs))
+    logits, scored = ce.score_assembly(assembly)
+    assert scored.all() and len(assembly.batches) >= 4
+    scores = ce.scores_from_logits(logits)
+    for i, s in by_rank.items():
+        assert float(scores[i]) == pytest.approx(s, abs=1e-6)
+    raw = ce.scores_from_logits(logits, raw=True)
+    np.testing.assert_allclose(1 / (1 + np.exp(-raw.astype(np.float64))), scores, atol=1e-6)
+
+    logits, scored = ce.score_assembly(ce.batcher().assemble(q, ce.tokenize(docs)), deadline=time.monotonic() - 1)
+    assert not scored.any() and np.isnan(logits).all()
+
+    assert len(ce.fingerprint) == 64
+    assert CrossEncoder(bert[1], threads=1).fingerprint == ce.fingerprint
