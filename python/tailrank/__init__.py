@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from . import errors
 from ._core import distance_isa
+from .collection import Collection, Hit, SearchResult
 from .cross_encoder import CrossEncoder
 from .docstore import DocStore
+from .embedder import Embedder
 from .index import VectorIndex
 from .pairs import Assembly, Batch, PairBatcher, PairTemplate, retrieve_and_assemble
 
@@ -14,8 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Assembly",
     "Batch",
+    "Collection",
+    "Hit",
+    "SearchResult",
     "CrossEncoder",
     "DocStore",
+    "Embedder",
     "PairBatcher",
     "PairTemplate",
     "VectorIndex",

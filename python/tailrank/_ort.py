@@ -154,3 +154,32 @@ def file_fingerprint(*paths: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# --- additions for the Embedder (kept apart so CrossEncoder's own copies are untouched) ---------
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ORT_INT: dict[str, Any] = {"tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_FLOAT: dict[str, Any] = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def text_inputs(session: Any, onnx_path: Path, what: str) -> tuple[tuple[str, ...], str]:
+    """The graph's text inputs (in ``TEXT_INPUTS`` order; token_type_ids optional) and their one
+    integer dtype name ("int64" or "int32"); anything else raises ModelError naming ``what``."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    unknown = sorted(set(inputs) - set(TEXT_INPUTS))
+    if unknown:
+        raise ModelError(f"{onnx_path} has inputs {unknown}; a {what} takes only {list(TEXT_INPUTS)}")
+    for required in ("input_ids", "attention_mask"):
+        if required not in inputs:
+            raise ModelError(f"{onnx_path} has no {required} input; not a text {what}")
+    dtypes = {i.type for i in inputs.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in ORT_INT:
+        raise ModelError(f"{onnx_path} inputs must all be int64 or all int32, got {sorted(dtypes)}")
+    return tuple(n for n in TEXT_INPUTS if n in inputs), ORT_INT[next(iter(dtypes))]
+
+
+def cache_root() -> Path:
+    """tailrank's cache directory: ``$TAILRANK_CACHE``, else ``~/.cache/tailrank``."""
+    env = os.environ.get("TAILRANK_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tailrank"

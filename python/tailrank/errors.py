@@ -8,6 +8,9 @@ __all__ = [
     "UnknownIdError",
     "ConcurrentUseError",
     "ModelError",
+    "ModelMismatchError",
+    "FilterError",
+    "DuplicateIdError",
 ]
 
 
@@ -32,3 +35,15 @@ class ConcurrentUseError(TailrankError, RuntimeError):
 
 class ModelError(TailrankError):
     """A model directory is missing files, is invalid, or is not a cross-encoder."""
+
+
+class ModelMismatchError(ModelError):
+    """A collection was opened with a model other than the one it was built with."""
+
+
+class FilterError(TailrankError, ValueError):
+    """A metadata filter that is malformed or uses an unknown operator."""
+
+
+class DuplicateIdError(TailrankError, ValueError):
+    """An id given twice in one call, or added when it already exists (use upsert)."""

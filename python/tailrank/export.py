@@ -1,4 +1,5 @@
-"""``tailrank export``: a transformers sequence-classification checkpoint -> an ONNX model directory.
+"""``tailrank export``: a transformers sequence-classification checkpoint (a cross-encoder) or a
+sentence-transformers checkpoint (a bi-encoder) -> an ONNX model directory.
 
 torch and transformers are imported only inside :func:`export` (the ``export`` extra), so the rest of
 tailrank never needs them.
@@ -7,6 +8,7 @@ tailrank never needs them.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._ort import default_max_length
+from .embedder import is_st_checkpoint, read_st_layout
 from .errors import ModelError
 
 __all__ = ["export", "TOKENIZER_FILES", "copy_model_files", "atomic_output_dir"]
@@ -45,7 +48,15 @@ _CHECK_PAIRS = (
     ("protein binding", "The receptor binds the protein " * 6),
 )
 _TRACE_PAIRS = (("query", "a short document"), ("another query here", "document"))
+_CHECK_TEXTS = (
+    "Insulin is a hormone that regulates glucose levels in the blood.",
+    "",
+    "The receptor binds the protein " * 6,
+)
+_TRACE_TEXTS = ("a short text", "another text here")
 TOLERANCE = 1e-4
+# sentence-transformers files copied beside the transformer's (those present).
+_ST_ROOT_FILES = ("config_sentence_transformers.json",)
 
 
 def export(
@@ -56,48 +67,57 @@ def export(
     force: bool = False,
     tolerance: float = TOLERANCE,
 ) -> Path:
-    """Exports a transformers sequence-classification checkpoint to ``out_dir/onnx/model.onnx``.
+    """Exports a transformers sequence-classification checkpoint, or a sentence-transformers
+    checkpoint, to ``out_dir/onnx/model.onnx``.
 
-    The graph takes ``input_ids``, ``attention_mask`` and, where the model and its tokenizer use
-    them, ``token_type_ids`` (int64, dynamic batch and sequence axes) and returns ``logits``
-    [batch, num_labels]. The tokenizer and config files are copied alongside. The export is checked
-    against the PyTorch forward pass with ONNX Runtime and refused if any logit differs by more
-    than ``tolerance``. ``out_dir`` appears complete or not at all (written to a temporary
-    directory, then renamed).
+    A sentence-transformers checkpoint (a ``modules.json`` with a Pooling module: Transformer ->
+    Pooling [-> Normalize]) becomes an :class:`~tailrank.Embedder` directory: its transformer's
+    ``AutoModel`` graph returns ``last_hidden_state`` [batch, sequence, hidden], and the
+    sentence-transformers files (modules.json, the Pooling config, sentence_bert_config.json, the
+    Normalize module) are copied beside the tokenizer so that the pooling and normalization run as
+    the checkpoint says. The parity check then compares the token embeddings of real tokens.
+
+    For a cross-encoder the graph takes ``input_ids``, ``attention_mask`` and, where the model and
+    its tokenizer use them, ``token_type_ids`` (int64, dynamic batch and sequence axes) and returns
+    ``logits`` [batch, num_labels]. The tokenizer and config files are copied alongside. The export
+    is checked against the PyTorch forward pass with ONNX Runtime and refused if any output value
+    differs by more than ``tolerance``. ``out_dir`` appears complete or not at all (written to a
+    temporary directory, then renamed).
 
     Args:
         hf_model_dir: A directory with config.json, the weights and the tokenizer files.
         out_dir: The model directory to create; it must not exist unless ``force``.
         opset: ONNX opset (>= 17).
         force: Replace an existing ``out_dir``.
-        tolerance: Largest accepted |logit difference| between ONNX Runtime and PyTorch.
+        tolerance: Largest accepted |difference| between ONNX Runtime and PyTorch (logits, or
+            token embeddings).
 
     Returns:
         The output directory.
 
     Raises:
-        ModelError: The checkpoint is missing or not a sequence classifier, the exported graph does
-            not match PyTorch, or ``out_dir`` exists without ``force``.
+        ModelError: The checkpoint is missing, not a sequence classifier nor a supported
+            sentence-transformers model, the exported graph does not match PyTorch, or ``out_dir``
+            exists without ``force``.
     """
     src = Path(hf_model_dir)
-    if not (src / "config.json").is_file():
-        raise ModelError(f"{src} is not a Hugging Face model directory: config.json is missing")
     if opset < 17:
         raise ModelError(f"opset must be >= 17, got {opset}")
-    try:
-        import torch
-        import transformers
-    except ImportError as e:  # the optional extra is not installed
-        raise ModelError(f"tailrank export needs torch and transformers: pip install 'tailrank[export]' ({e})") from e
+    if is_st_checkpoint(src):
+        return _export_st(src, Path(out_dir), opset=opset, force=force, tolerance=tolerance)
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src} is not a Hugging Face model directory: config.json is missing")
+    _check_extra()
+    import torch
+    import transformers
 
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call,unused-ignore]
     try:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager")
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {src} as a transformers sequence-classification model: {e}") from e
     model.eval()
-    names = _input_names(model, tokenizer)
+    names = _input_names(model, tokenizer, "text cross-encoder")
 
     class _Logits(torch.nn.Module):  # positional inputs in, a plain logits tensor out
         def __init__(self, inner: Any) -> None:
@@ -113,42 +133,144 @@ def export(
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         onnx_path = tmp / "onnx" / "model.onnx"
-        onnx_path.parent.mkdir()
-        axes = {n: {0: "batch", 1: "sequence"} for n in names}
-        axes["logits"] = {0: "batch"}
-        with warnings.catch_warnings():
-            # The TorchScript exporter's deprecation and tracer warnings are expected here; the
-            # numeric check below is what decides whether the trace is right.
-            warnings.simplefilter("ignore")
-            with torch.inference_mode(False), torch.no_grad():
-                torch.onnx.export(
-                    wrapper,
-                    tuple(torch.from_numpy(sample[n]) for n in names),
-                    str(onnx_path),
-                    input_names=list(names),
-                    output_names=["logits"],
-                    dynamic_axes=axes,
-                    opset_version=opset,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-        _check_parity(onnx_path, wrapper, tokenizer, names, max_length, tolerance)
+        _trace(wrapper, names, sample, onnx_path, "logits", {0: "batch"}, opset)
+        _check_parity(
+            onnx_path, wrapper, names, "logits",
+            [_encode(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_PAIRS)],
+            tolerance, masked=False,
+        )
         copy_model_files(src, tmp)
-        if not (tmp / "tokenizer.json").is_file():
-            # A checkpoint with only slow-tokenizer files: let transformers convert it.
-            with tempfile.TemporaryDirectory() as conv:
-                tokenizer.save_pretrained(conv)
-                if not (Path(conv) / "tokenizer.json").is_file():
-                    raise ModelError(f"the tokenizer of {src} cannot be converted to tokenizer.json")
-                shutil.copy2(Path(conv) / "tokenizer.json", tmp / "tokenizer.json")
+        _ensure_tokenizer_json(tokenizer, src, tmp)
     return Path(out_dir)
 
 
-def _input_names(model: Any, tokenizer: Any) -> tuple[str, ...]:
+def _check_extra() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError as e:  # the optional extra is not installed
+        raise ModelError(f"tailrank export needs torch and transformers: pip install 'tailrank[export]' ({e})") from e
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call,unused-ignore]
+
+
+def _trace(
+    wrapper: Any, names: tuple[str, ...], sample: dict[str, np.ndarray], onnx_path: Path, output: str,
+    output_axes: dict[int, str], opset: int,
+) -> None:
+    import torch
+
+    onnx_path.parent.mkdir()
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[output] = output_axes
+    with warnings.catch_warnings():
+        # The TorchScript exporter's deprecation and tracer warnings are expected here; the
+        # numeric check after it is what decides whether the trace is right.
+        warnings.simplefilter("ignore")
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(torch.from_numpy(sample[n]) for n in names),
+                str(onnx_path),
+                input_names=list(names),
+                output_names=[output],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+
+
+def _check_chunks(items: tuple[Any, ...]) -> list[list[Any]]:
+    """One padded batch and each item alone: both shapes differ from the trace's."""
+    return [list(items), *([x] for x in items)]
+
+
+def _ensure_tokenizer_json(tokenizer: Any, src: Path, dst: Path) -> None:
+    if (dst / "tokenizer.json").is_file():
+        return
+    # A checkpoint with only slow-tokenizer files: let transformers convert it.
+    with tempfile.TemporaryDirectory() as conv:
+        tokenizer.save_pretrained(conv)
+        if not (Path(conv) / "tokenizer.json").is_file():
+            raise ModelError(f"the tokenizer of {src} cannot be converted to tokenizer.json")
+        shutil.copy2(Path(conv) / "tokenizer.json", dst / "tokenizer.json")
+
+
+def _export_st(src: Path, out_dir: Path, *, opset: int, force: bool, tolerance: float) -> Path:
+    """The sentence-transformers branch of :func:`export`."""
+    layout = read_st_layout(src)
+    tdir = src / layout.transformer_path
+    if not (tdir / "config.json").is_file():
+        raise ModelError(f"the Transformer module of {src} has no config.json ({tdir})")
+    _check_extra()
+    import torch
+    import transformers
+
+    try:
+        model = transformers.AutoModel.from_pretrained(tdir, attn_implementation="eager")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tdir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the Transformer module of {src} with transformers.AutoModel: {e}") from e
+    model.eval()
+    names = _input_names(model, tokenizer, "text encoder")
+
+    class _Hidden(torch.nn.Module):  # positional inputs in, the token embeddings out
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(**dict(zip(names, args))).last_hidden_state
+
+    wrapper = _Hidden(model).eval()
+    max_length = min(128, layout.max_seq_length or default_max_length(model.config.to_dict(), {}))
+    sample = _encode_texts(tokenizer, _TRACE_TEXTS, names, max_length)
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        onnx_path = tmp / "onnx" / "model.onnx"
+        _trace(wrapper, names, sample, onnx_path, "last_hidden_state", {0: "batch", 1: "sequence"}, opset)
+        _check_parity(
+            onnx_path, wrapper, names, "last_hidden_state",
+            [_encode_texts(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_TEXTS)],
+            tolerance, masked=True,
+        )
+        copy_model_files(tdir, tmp)
+        _ensure_tokenizer_json(tokenizer, src, tmp)
+        _copy_st_files(src, layout, tmp)
+    return out_dir
+
+
+def _copy_st_files(src: Path, layout: Any, dst: Path) -> None:
+    """modules.json (the transformer now at the root), sentence_bert_config.json, the Pooling
+    config and the Normalize module, in the sentence-transformers layout."""
+    tdir = src / layout.transformer_path
+    if (tdir / "sentence_bert_config.json").is_file():
+        shutil.copy2(tdir / "sentence_bert_config.json", dst / "sentence_bert_config.json")
+    for name in _ST_ROOT_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if layout.transformer_path:  # the transformer's files now sit at the root
+        modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+        for m in modules:
+            if m.get("path", "") == layout.transformer_path and str(m.get("type", "")).endswith("Transformer"):
+                m["path"] = ""
+        (dst / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
+    else:
+        shutil.copy2(src / "modules.json", dst / "modules.json")
+    (dst / layout.pooling_path).mkdir(parents=True)
+    shutil.copy2(src / layout.pooling_path / "config.json", dst / layout.pooling_path / "config.json")
+    if layout.normalize_path is not None:
+        # The module's directory is its marker (sentence-transformers' Normalize has no weights).
+        (dst / layout.normalize_path).mkdir(parents=True, exist_ok=True)
+        if (src / layout.normalize_path / "config.json").is_file():
+            shutil.copy2(src / layout.normalize_path / "config.json", dst / layout.normalize_path / "config.json")
+
+
+def _input_names(model: Any, tokenizer: Any, what: str) -> tuple[str, ...]:
     params = inspect.signature(model.forward).parameters
     for required in ("input_ids", "attention_mask"):
         if required not in params:
-            raise ModelError(f"{type(model).__name__}.forward takes no {required}; not a text cross-encoder")
+            raise ModelError(f"{type(model).__name__}.forward takes no {required}; not a {what}")
     # token_type_ids only where the model takes them and its tokenizer makes them (RoBERTa-family
     # forwards accept them but their tokenizers never produce them).
     wants_types = "token_type_ids" in params and "token_type_ids" in getattr(tokenizer, "model_input_names", ())
@@ -159,6 +281,15 @@ def _encode(tokenizer: Any, pairs: Any, names: tuple[str, ...], max_length: int)
     queries = [q for q, _ in pairs]
     docs = [d for _, d in pairs]
     enc = tokenizer(queries, docs, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return _feeds(enc, names)
+
+
+def _encode_texts(tokenizer: Any, texts: Any, names: tuple[str, ...], max_length: int) -> dict[str, np.ndarray]:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return _feeds(enc, names)
+
+
+def _feeds(enc: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     out = {}
     for n in names:
         if n == "token_type_ids" and n not in enc:
@@ -169,8 +300,17 @@ def _encode(tokenizer: Any, pairs: Any, names: tuple[str, ...], max_length: int)
 
 
 def _check_parity(
-    onnx_path: Path, wrapper: Any, tokenizer: Any, names: tuple[str, ...], max_length: int, tolerance: float
+    onnx_path: Path,
+    wrapper: Any,
+    names: tuple[str, ...],
+    output: str,
+    feeds: list[dict[str, np.ndarray]],
+    tolerance: float,
+    *,
+    masked: bool,
 ) -> None:
+    """Compares ONNX Runtime with PyTorch on ``feeds``; with ``masked``, only the rows of real
+    tokens (attention_mask 1) of a [batch, sequence, ...] output count."""
     import onnxruntime as ort
     import torch
 
@@ -179,18 +319,19 @@ def _check_parity(
     except Exception as e:  # ORT raises its own exception types
         raise ModelError(f"ONNX Runtime cannot load the exported graph: {e}") from e
     worst = 0.0
-    # One padded batch and each pair alone: both shapes differ from the trace's.
-    for chunk in (list(_CHECK_PAIRS), *([p] for p in _CHECK_PAIRS)):
-        feed = _encode(tokenizer, chunk, names, max_length)
+    for feed in feeds:
         try:
-            (got,) = session.run(["logits"], feed)
+            (got,) = session.run([output], feed)
         except Exception as e:
             raise ModelError(f"the exported graph fails on a sample batch: {e}") from e
         with torch.no_grad():
             want = wrapper(*(torch.from_numpy(feed[n]) for n in names)).numpy()
         if got.shape != want.shape:
             raise ModelError(f"exported graph returns shape {got.shape}, PyTorch {want.shape}")
-        worst = max(worst, float(np.abs(got.astype(np.float64) - want).max()))
+        diff = np.abs(got.astype(np.float64) - want)
+        if masked:
+            diff = diff[feed["attention_mask"].astype(bool)]
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
     if not worst <= tolerance:
         raise ModelError(f"exported graph differs from PyTorch by {worst:.3g} (> {tolerance:g}); export refused")
 
@@ -230,6 +371,12 @@ class atomic_output_dir:
             old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
             os.rename(self.out, old)
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        os.rename(self.tmp, self.out)
+        try:
+            os.rename(self.tmp, self.out)
+        except OSError:  # e.g. another process created out_dir meanwhile: leave nothing behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None and not self.out.exists():
+                os.rename(old, self.out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

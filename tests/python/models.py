@@ -249,3 +249,70 @@ def mixed_pairs(seed: int, n: int = 24) -> list[tuple[str, str]]:
         d = "" if rng.random() < 0.15 else sample_text(rng, rng.choice([1, 3, 8, 20, 90]))
         pairs.append((q, d))
     return pairs
+
+
+# --- sentence-transformers bi-encoders ------------------------------------------------------
+
+ST_MAX_SEQ_LENGTH = 48  # below MAX_POSITIONS, so sentence_bert_config.json decides the truncation
+
+
+def build_st_checkpoint(out_dir: Path, *, pooling: str = "mean", normalize: bool = True, seed: int = 0,
+                        family: str = "bert", legacy_pooling_keys: bool = False,
+                        max_seq_length: int | None = ST_MAX_SEQ_LENGTH) -> Path:
+    """Writes a seeded random sentence-transformers checkpoint in the usual layout: the
+    transformer (``<Family>Model`` weights, config and tokenizer) at the root, ``modules.json``,
+    ``sentence_bert_config.json``, ``1_Pooling/config.json`` and, with ``normalize``, a
+    ``2_Normalize`` module. ``legacy_pooling_keys`` writes the pooling mode as the older
+    ``pooling_mode_*_tokens`` booleans (as all-MiniLM-L6-v2 has it)."""
+    import torch
+    import transformers as tf
+
+    tf.utils.logging.disable_progress_bar()
+    tok, tok_kwargs = _tokenizer(family)
+    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **tok_kwargs)
+    config = _config(family, tok.get_vocab_size(with_added_tokens=True), 1)
+    torch.manual_seed(seed)
+    model = tf.AutoModel.from_config(config)
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    hf_tok.save_pretrained(out_dir)
+    dim = int(getattr(config, "hidden_size", None) or config.dim)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out_dir / "2_Normalize").mkdir()
+    write_json(out_dir / "modules.json", modules)
+    st_config: dict[str, Any] = {"do_lower_case": False}
+    if max_seq_length is not None:
+        st_config["max_seq_length"] = max_seq_length
+    write_json(out_dir / "sentence_bert_config.json", st_config)
+    (out_dir / "1_Pooling").mkdir()
+    if legacy_pooling_keys:
+        pool: dict[str, Any] = {"word_embedding_dimension": dim}
+        for mode, key in (("cls", "cls_token"), ("max", "max_tokens"), ("mean", "mean_tokens"),
+                          ("mean_sqrt_len_tokens", "mean_sqrt_len_tokens")):
+            pool[f"pooling_mode_{key}"] = mode == pooling
+    else:
+        pool = {"embedding_dimension": dim, "pooling_mode": pooling, "include_prompt": True}
+    write_json(out_dir / "1_Pooling" / "config.json", pool)
+    return out_dir
+
+
+_ST_EXPORTS: dict[tuple[Any, ...], tuple[Path, Path]] = {}
+
+
+def exported_st(tmp_path_factory: Any, **kwargs: Any) -> tuple[Path, Path]:
+    """(checkpoint dir, exported model dir) of a sentence-transformers checkpoint, built once per
+    test session for each set of ``build_st_checkpoint`` arguments."""
+    key = tuple(sorted(kwargs.items()))
+    if key not in _ST_EXPORTS:
+        from tailrank.export import export
+
+        base = tmp_path_factory.mktemp("st-" + "-".join(str(v) for _, v in key))
+        st_dir = build_st_checkpoint(base / "st", **kwargs)
+        _ST_EXPORTS[key] = (st_dir, export(st_dir, base / "onnx"))
+    return _ST_EXPORTS[key]
