@@ -64,6 +64,9 @@ def main() -> int:
     p.add_argument("--hf", type=Path, help="a Hugging Face checkpoint to export first")
     p.add_argument("--requests", type=int, default=20, help="timed 100-candidate requests (default 20)")
     p.add_argument("--fp16", action="store_true", help="also time an fp16 model made by `tailrank optimize`")
+    p.add_argument("--reference", type=Path, help="JSON {requests: [{query, documents, logits}]} with CPU fp32 "
+                   "logits made elsewhere: checks --model on CUDA against them (for machines without the fp32 model)")
+    p.add_argument("--repeat", type=int, default=5, help="timed passes over the reference requests (default 5)")
     args = p.parse_args()
 
     import onnxruntime as ort
@@ -76,6 +79,9 @@ def main() -> int:
         return 0
 
     from tailrank import CrossEncoder
+
+    if args.reference is not None:
+        return _check_reference(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -117,6 +123,44 @@ def main() -> int:
             half = CrossEncoder(Path(tmp) / "fp16", device="cuda")
             half.rank(*requests[0])
             print("CUDA fp16, 100 candidates:", json.dumps(_time(half, requests[3:])))
+    return 0
+
+
+def _check_reference(args: argparse.Namespace) -> int:
+    """Fidelity of ``--model`` on CUDA against CPU fp32 logits computed elsewhere, and its
+    latency per 100-candidate request."""
+    from tailrank import CrossEncoder
+    from tailrank.optimize import kendall_tau
+
+    if args.model is None:
+        print("--reference needs --model")
+        return 2
+    ref = json.loads(args.reference.read_text(encoding="utf-8"))["requests"]
+    t = time.perf_counter()
+    gpu = CrossEncoder(args.model, device="cuda", activation="none")
+    print(f"loaded and warmed in {time.perf_counter() - t:.1f}s: {gpu!r}")
+    if gpu.device != "cuda":
+        print("the CUDA provider did not initialise (see the log line above)")
+        return 1
+    worst, taus, top1, top10 = 0.0, [], 0, []
+    for r in ref:
+        want = np.asarray(r["logits"], dtype=np.float64)
+        got = gpu.predict([(r["query"], d) for d in r["documents"]]).reshape(-1).astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max()))
+        taus.append(kendall_tau(want, got))
+        top1 += int(np.argmax(want) == np.argmax(got))
+        top10.append(len(set(np.argsort(-want)[:10]) & set(np.argsort(-got)[:10])) / 10)
+    n = len(ref)
+    print(json.dumps({"fidelity_vs_cpu_fp32": {"requests": n, "pairs": sum(len(r["documents"]) for r in ref),
+                      "max_abs_logit_diff": worst, "mean_kendall_tau": float(np.mean(taus)),
+                      "top1_agreement": top1 / n, "mean_top10_overlap": float(np.mean(top10))}}))
+    reqs = [(r["query"], r["documents"]) for r in ref]
+    gpu.rank(*reqs[0])
+    print("CUDA, 100 candidates:", json.dumps(_time(gpu, reqs * args.repeat)))
+    for rows in (128, 256):
+        big = CrossEncoder(args.model, device="cuda", activation="none", max_batch_size=rows, batch_tokens=rows * 384)
+        big.rank(*reqs[0])
+        print(f"CUDA, max_batch_size {rows}:", json.dumps(_time(big, reqs * args.repeat)))
     return 0
 
 

@@ -205,38 +205,42 @@ def _read_qrels(path: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def search_runs(
+    col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict[str, float]]]:
+    """One search per query: the first-stage run (the candidates by first-stage score), the final
+    run (as returned), and each search's stage timings in ms."""
+    first: dict[str, dict[str, float]] = {}
+    final: dict[str, dict[str, float]] = {}
+    timings: list[dict[str, float]] = []
+    for qid, text in queries.items():
+        res = col.search(text, k=candidates, candidates=candidates, rerank=rerank)
+        ranked = sorted(res.hits, key=lambda h: h.first_stage_score, reverse=col.metric != "l2")
+        n = len(ranked)
+        first[qid] = {str(h.id): float(n - i) for i, h in enumerate(ranked)}
+        final[qid] = {str(h.id): float(n - i) for i, h in enumerate(res.hits)}
+        timings.append(res.timings)
+    return first, final, timings
+
+
 def evaluate(
     col: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], *, candidates: int = 100,
     rerank: bool = True,
 ) -> dict[str, Any]:
     """nDCG@10 and Recall@{10,100} (pytrec-eval-terrier) of the first stage and, with ``rerank``,
-    after reranking the first stage's ``candidates``; one search per query."""
+    after reranking the first stage's ``candidates``; one search per judged query."""
     try:
-        import pytrec_eval  # type: ignore[import-untyped]
+        from .bench.quality import evaluate as metrics
+
+        import pytrec_eval  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as e:
         raise TailrankError("eval needs pytrec-eval-terrier: pip install 'tailrank[eval]'") from e
-
-    judged = [q for q in queries if q in qrels]
-    first: dict[str, dict[str, float]] = {}
-    second: dict[str, dict[str, float]] = {}
-    for qid in judged:
-        res = col.search(queries[qid], k=candidates, candidates=candidates, rerank=rerank)
-        # The first-stage run: the same candidates ordered by their first-stage score.
-        ranked = sorted(res.hits, key=lambda h: h.first_stage_score, reverse=col.metric != "l2")
-        n = len(ranked)
-        first[qid] = {str(h.id): float(n - i) for i, h in enumerate(ranked)}
-        second[qid] = {str(h.id): float(n - i) for i, h in enumerate(res.hits)}
-    measures = {"ndcg_cut.10", "recall.10,100"}
-    ev = pytrec_eval.RelevanceEvaluator({q: qrels[q] for q in judged}, measures)
-
-    def mean(run: dict[str, dict[str, float]]) -> dict[str, float]:
-        per = ev.evaluate(run)
-        keys = {"ndcg_cut_10": "ndcg@10", "recall_10": "recall@10", "recall_100": "recall@100"}
-        return {name: float(sum(per[q][k] for q in per) / max(len(per), 1)) for k, name in keys.items()}
-
-    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates, "first_stage": mean(first)}
+    judged = {q: t for q, t in queries.items() if q in qrels}
+    first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank)
+    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates}
+    out["first_stage"] = {k: v for k, v in metrics(qrels, first).items() if k != "queries"}
     if rerank:
-        out["reranked"] = mean(second)
+        out["reranked"] = {k: v for k, v in metrics(qrels, final).items() if k != "queries"}
     return out
 
 

@@ -123,10 +123,27 @@ def choose_providers(device: str) -> tuple[list[Any], str]:
     if device == "cpu":
         return ["CPUExecutionProvider"], "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():
+        _preload_cuda(ort)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
     level = logging.WARNING if device == "cuda" else logging.INFO
     log.log(level, "tailrank: CUDA is not available to onnxruntime (install onnxruntime-gpu); scoring on the CPU")
     return ["CPUExecutionProvider"], "cpu"
+
+
+_preloaded = False
+
+
+def _preload_cuda(ort: Any) -> None:
+    """Loads CUDA and cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) or torch, once,
+    so the CUDA provider finds them without LD_LIBRARY_PATH (onnxruntime >= 1.21)."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # best effort: the libraries may be on the loader path anyway
+        log.debug("tailrank: onnxruntime.preload_dlls failed: %s", e)
 
 
 def load_session(path: Path, *, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:

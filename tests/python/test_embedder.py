@@ -415,3 +415,14 @@ def test_default_embedder_dir_replaces_a_stale_export(tmp_path, monkeypatch, ber
     (first / "tokenizer.json").unlink()  # damaged
     assert emb.default_embedder_dir(tmp_path) == first and len(calls) == 3
     assert sorted(p.name for p in first.parent.iterdir()) == ["all-MiniLM-L6-v2"]
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(), reason="needs onnxruntime-gpu"
+)
+def test_cuda_matches_cpu(bert_st):
+    texts = _texts(5)
+    cpu = Embedder(bert_st[1], device="cpu").encode(texts)
+    gpu = Embedder(bert_st[1], device="cuda")
+    assert gpu.device == "cuda"
+    np.testing.assert_allclose(gpu.encode(texts), cpu, atol=1e-4, rtol=0)

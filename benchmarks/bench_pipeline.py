@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Pipeline benchmark on SciFact: quality of the HNSW first stage against exact search over the
+same embeddings, nDCG@10 after reranking the top 100, and the per-stage latency of
+``Collection.search`` (k=10, candidates=100).
+
+    python benchmarks/bench_pipeline.py --data ../shared/data/scifact \\
+        --reranker ../shared/models/scifact-minilm-l6-ce --work .cache/bench --seed 0
+
+Corpus embeddings (all-MiniLM-L6-v2, the default embedder) are cached under --work, keyed by
+the embedder's fingerprint and the corpus file's hash, and so is the collection built from them.
+Quality uses pytrec-eval-terrier (through ``tailrank.bench.quality``). ``--quality-only`` skips
+the latency pass; ``--latency-only`` skips the quality passes (run it on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+from tailrank import Collection, CrossEncoder, Embedder  # noqa: E402
+from tailrank._beir import iter_corpus, load_qrels, load_queries  # noqa: E402
+from tailrank._cli_collection import search_runs  # noqa: E402
+from tailrank.bench.machine import machine_info  # noqa: E402
+from tailrank.bench.measure import percentiles_ms  # noqa: E402
+from tailrank.bench.models import prepare_reranker  # noqa: E402
+from tailrank.bench.quality import evaluate  # noqa: E402
+from tailrank.embedder import default_embedder_dir  # noqa: E402
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _corpus_file(data: Path) -> Path:
+    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+        if (data / name).is_file():
+            return data / name
+    raise FileNotFoundError(f"no corpus in {data}")
+
+
+def corpus_embeddings(emb: Embedder, ids: list[str], texts: list[str], cache: Path) -> np.ndarray:
+    """The corpus embeddings, computed once and cached (atomic .npy)."""
+    if cache.is_file():
+        vecs = np.load(cache)
+        if vecs.shape == (len(texts), emb.dim):
+            return vecs
+    t = time.perf_counter()
+    vecs = np.concatenate([emb.encode(texts[s : s + 256]) for s in range(0, len(texts), 256)])
+    print(f"embedded {len(texts)} documents in {time.perf_counter() - t:.0f}s", flush=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, vecs)
+    os.replace(tmp, cache)
+    return vecs
+
+
+def build_collection(path: Path, emb: Embedder, ce: CrossEncoder, ids: list[str], texts: list[str],
+                     vecs: np.ndarray) -> Collection:
+    if (path / "manifest.json").is_file():
+        col = Collection.open(path, embedder=emb, reranker=ce)
+        if len(col) == len(ids):
+            return col
+        raise SystemExit(f"{path} holds {len(col)} documents, not {len(ids)}: remove it")
+    col = Collection.create(path, embedder=emb, reranker=ce)
+    t = time.perf_counter()
+    for s in range(0, len(ids), 1000):
+        col.add(texts[s : s + 1000], ids=ids[s : s + 1000], vectors=vecs[s : s + 1000])
+    print(f"built the collection in {time.perf_counter() - t:.0f}s", flush=True)
+    return col
+
+
+def exact_run(emb: Embedder, qids: list[str], queries: dict[str, str], ids: list[str], vecs: np.ndarray,
+              k: int) -> dict[str, dict[str, float]]:
+    q = emb.encode([queries[x] for x in qids])
+    sims = q @ vecs.T
+    run = {}
+    for i, qid in enumerate(qids):
+        top = np.argsort(-sims[i], kind="stable")[:k]
+        run[qid] = {ids[j]: float(sims[i, j]) for j in top}
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scifact")
+    ap.add_argument("--reranker", type=Path, default=REPO.parent / "shared" / "models" / "scifact-minilm-l6-ce",
+                    help="cross-encoder: HF checkpoint or exported model dir")
+    ap.add_argument("--embedder", type=Path, default=None, help="bi-encoder model dir (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--rerank-queries", type=int, default=300, help="test claims reranked for quality (default all 300)")
+    ap.add_argument("--latency-queries", type=int, default=100, help="searches timed for the stage latencies")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quality-only", action="store_true")
+    ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
+    args = ap.parse_args()
+
+    env = machine_info(REPO)
+    args.work.mkdir(parents=True, exist_ok=True)
+    emb = Embedder(args.embedder or default_embedder_dir(), threads=args.threads)
+    ce_dir, _ = prepare_reranker(args.reranker, args.work)
+    ce = CrossEncoder(ce_dir, threads=args.threads)
+
+    recs = list(iter_corpus(args.data))
+    ids = [str(r["_id"]) for r in recs]
+    texts = [((r.get("title") or "") + " " + (r.get("text") or "")).strip() for r in recs]
+    key = f"{emb.fingerprint[:12]}-{_sha(_corpus_file(args.data))[:12]}"
+    vecs = corpus_embeddings(emb, ids, texts, args.work / f"scifact-emb-{key}.npy")
+    col = build_collection(args.work / f"scifact-col-{key}-{ce.fingerprint[:12]}", emb, ce, ids, texts, vecs)
+
+    queries = load_queries(args.data)
+    qrels = load_qrels(args.data, "test")
+    qids = [q for q in queries if q in qrels]
+    out: dict[str, Any] = {
+        "environment": env,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "corpus": len(ids),
+        "test_queries": len(qids),
+        "index": {"metric": col.metric, "ef": col._index.ef, "M": col._manifest["M"]},
+    }
+    if args.out.is_file():  # keep the other half of an earlier split run
+        prev = json.loads(args.out.read_text())
+        for part in ("quality", "latency"):
+            if part in prev:
+                out[part] = prev[part]
+
+    if not args.latency_only:
+        exact = exact_run(emb, qids, queries, ids, vecs, args.candidates)
+        hnsw, _, _ = search_runs(col, {q: queries[q] for q in qids}, candidates=args.candidates, rerank=False)
+        quality: dict[str, Any] = {"exact": evaluate(qrels, exact), "hnsw": evaluate(qrels, hnsw)}
+        quality["hnsw_minus_exact"] = {
+            m: quality["hnsw"][m] - quality["exact"][m] for m in ("ndcg@10", "recall@10", "recall@100")
+        }
+        sub = qids[: args.rerank_queries]
+        t = time.perf_counter()
+        first, final, _ = search_runs(col, {q: queries[q] for q in sub}, candidates=args.candidates, rerank=True)
+        quality["reranked_queries"] = len(sub)
+        quality["rerank_seconds"] = round(time.perf_counter() - t, 1)
+        quality["first_stage_on_reranked_queries"] = evaluate(qrels, first)
+        quality["reranked"] = evaluate(qrels, final)
+        out["quality"] = quality
+        print(json.dumps(quality, indent=1), flush=True)
+
+    if not args.quality_only:
+        rng = random.Random(args.seed)
+        sample = rng.sample(qids, min(args.latency_queries, len(qids)))
+        for q in sample[:3]:  # warm-up, not timed
+            col.search(queries[q], k=10, candidates=args.candidates)
+        stages: dict[str, list[float]] = {s: [] for s in ("embed", "ann", "assemble", "score", "total")}
+        share = []
+        for q in sample:
+            res = col.search(queries[q], k=10, candidates=args.candidates)
+            for s in stages:
+                stages[s].append(res.timings[s])
+            share.append((res.timings["total"] - res.timings["score"]) / res.timings["total"])
+        lat = {s: percentiles_ms(np.asarray(v) * 1e6) for s, v in stages.items()}
+        lat["non_scorer_share"] = {
+            "p50": float(np.percentile(share, 50)),
+            "p99": float(np.percentile(share, 99)),
+            "max": float(np.max(share)),
+            "of_summed_time": float((sum(stages["total"]) - sum(stages["score"])) / sum(stages["total"])),
+        }
+        lat["searches"] = len(sample)
+        out["latency"] = lat
+        print(json.dumps({s: {k: round(v, 3) for k, v in d.items()} if isinstance(d, dict) else d
+                          for s, d in lat.items()}, indent=1), flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
