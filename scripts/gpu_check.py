@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python"))
+if any((REPO / "python" / "tailrank").glob("_core*.so")):  # a dev build; else the installed package
+    sys.path.insert(0, str(REPO / "python"))
 
 
 def _shared() -> Path:

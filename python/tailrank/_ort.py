@@ -124,7 +124,10 @@ def choose_providers(device: str) -> tuple[list[Any], str]:
         return ["CPUExecutionProvider"], "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():
         _preload_cuda(ort)
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+        # TF32 (on by default in ORT on Ampere and later) rounds fp32 matmul inputs to 10-bit
+        # mantissas: logits then drift by ~3e-4 from the CPU's. fp32 models stay exact; use an
+        # fp16 model (`tailrank optimize --fp16`) for tensor-core speed.
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"], "cuda"
     level = logging.WARNING if device == "cuda" else logging.INFO
     log.log(level, "tailrank: CUDA is not available to onnxruntime (install onnxruntime-gpu); scoring on the CPU")
     return ["CPUExecutionProvider"], "cpu"
