@@ -21,7 +21,7 @@ struct OwnedDocs {
   std::vector<TokenView> views;
 };
 
-OwnedDocs own_docs(const py::sequence& docs) {
+OwnedDocs own_docs(const py::sequence& docs, const char* what = "document") {
   OwnedDocs out;
   std::vector<size_t> offsets{0};
   std::vector<CArray<int32_t>> arrays;
@@ -29,7 +29,7 @@ OwnedDocs own_docs(const py::sequence& docs) {
   for (size_t i = 0; i < docs.size(); ++i) {
     auto a = CArray<int32_t>::ensure(docs[i]);
     if (!a || a.ndim() != 1)
-      throw std::invalid_argument("document " + std::to_string(i) + " must be a 1-D sequence of token ids");
+      throw std::invalid_argument(std::string(what) + " " + std::to_string(i) + " must be a 1-D sequence of token ids");
     offsets.push_back(offsets.back() + size_t(a.size()));
     arrays.push_back(std::move(a));
   }
@@ -156,6 +156,25 @@ void bind_text(py::module_& m) {
             return assembly_result(self);
           },
           py::arg("query_ids"), py::arg("docs"))
+      .def(
+          "assemble_multi",
+          [](PairAssembler& self, const py::sequence& queries, const CArray<int64_t>& query_index,
+             const py::sequence& docs) {
+            require_1d(query_index, "query_index");
+            if (size_t(query_index.size()) != docs.size())
+              throw std::invalid_argument("query_index must have one entry per document: got " +
+                                          std::to_string(query_index.size()) + " for " + std::to_string(docs.size()) +
+                                          " documents");
+            OwnedDocs owned_q = own_docs(queries, "query");
+            OwnedDocs owned_d = own_docs(docs);
+            std::vector<int64_t> qi(query_index.data(), query_index.data() + query_index.size());
+            {
+              py::gil_scoped_release nogil;
+              self.assemble_multi(owned_q.views, qi.data(), owned_d.views);
+            }
+            return assembly_result(self);
+          },
+          py::arg("queries"), py::arg("query_index"), py::arg("docs"))
       .def(
           "assemble_from_store",
           [](PairAssembler& self, const CArray<int32_t>& query, const DocStore& store, const CArray<uint64_t>& ids) {

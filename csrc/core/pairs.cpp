@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 
 namespace tailrank {
 
@@ -109,10 +111,20 @@ std::pair<size_t, size_t> PairAssembler::truncate_lengths(size_t n1, size_t n2) 
   return {std::min(a, n1), std::min(b, n2)};
 }
 
+namespace {
+TokenView query_view(const int32_t* q, size_t q_len) {
+  TokenView v;
+  v.i32 = q;
+  v.size = q_len;
+  return v;
+}
+}  // namespace
+
 const std::vector<BatchSpec>& PairAssembler::assemble(const int32_t* q, size_t q_len,
                                                       const std::vector<TokenView>& docs) {
   BusyGuard g(busy_);
-  return run(q, q_len, docs);
+  scratch_query_.assign(1, query_view(q, q_len));
+  return run(scratch_query_, nullptr, docs);
 }
 
 const std::vector<BatchSpec>& PairAssembler::assemble_from_store(const int32_t* q, size_t q_len, const DocStore& store,
@@ -122,19 +134,36 @@ const std::vector<BatchSpec>& PairAssembler::assemble_from_store(const int32_t* 
   scratch_docs_.clear();
   scratch_docs_.reserve(n);
   for (size_t i = 0; i < n; ++i) scratch_docs_.push_back(store.view_locked(ids[i]));
-  return run(q, q_len, scratch_docs_);
+  scratch_query_.assign(1, query_view(q, q_len));
+  return run(scratch_query_, nullptr, scratch_docs_);
 }
 
-const std::vector<BatchSpec>& PairAssembler::run(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs) {
+const std::vector<BatchSpec>& PairAssembler::assemble_multi(const std::vector<TokenView>& queries,
+                                                            const int64_t* query_index,
+                                                            const std::vector<TokenView>& docs) {
+  BusyGuard g(busy_);
+  const size_t n = docs.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (query_index[i] < 0 || size_t(query_index[i]) >= queries.size())
+      throw std::invalid_argument("query_index[" + std::to_string(i) + "] is " + std::to_string(query_index[i]) +
+                                  "; it must be in [0, " + std::to_string(queries.size()) + ") (one entry per query)");
+  }
+  return run(queries, query_index, docs);
+}
+
+const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& queries, const int64_t* query_index,
+                                                 const std::vector<TokenView>& docs) {
   const size_t n = docs.size();
   const size_t n_special = tmpl_.n_special();
-  std::vector<size_t> keep_q(n), keep_d(n);
+  keep_q_.resize(n);
+  keep_d_.resize(n);
   lengths_.resize(n);
   truncated_.resize(n);
   for (size_t i = 0; i < n; ++i) {
+    size_t q_len = queries[query_index ? size_t(query_index[i]) : 0].size;
     auto kept = truncate_lengths(q_len, docs[i].size);
-    keep_q[i] = kept.first;
-    keep_d[i] = kept.second;
+    keep_q_[i] = kept.first;
+    keep_d_[i] = kept.second;
     lengths_[i] = int64_t(kept.first + kept.second + n_special);
     truncated_[i] = kept.first < q_len || kept.second < docs[i].size;
   }
@@ -157,21 +186,32 @@ const std::vector<BatchSpec>& PairAssembler::run(const int32_t* q, size_t q_len,
   mask_.reserve(bytes, alloc_);
   types_.reserve(bytes, alloc_);
   if (opts_.int32)
-    fill<int32_t>(q, q_len, docs, keep_q, keep_d);
+    fill<int32_t>(queries, query_index, docs);
   else
-    fill<int64_t>(q, q_len, docs, keep_q, keep_d);
+    fill<int64_t>(queries, query_index, docs);
   return batches_;
 }
 
+namespace {
 template <class T>
-void PairAssembler::fill(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs,
-                         const std::vector<size_t>& keep_q, const std::vector<size_t>& keep_d) {
+void copy_tokens(const TokenView& v, size_t keep, T* out) {
+  if (v.u16)
+    for (size_t i = 0; i < keep; ++i) out[i] = T(v.u16[i]);
+  else
+    for (size_t i = 0; i < keep; ++i) out[i] = T(v.i32[i]);
+}
+}  // namespace
+
+template <class T>
+void PairAssembler::fill(const std::vector<TokenView>& queries, const int64_t* query_index,
+                         const std::vector<TokenView>& docs) {
   T* ids = static_cast<T*>(ids_.data());
   T* mask = static_cast<T*>(mask_.data());
   T* types = static_cast<T*>(types_.data());
   for (const BatchSpec& b : batches_) {
     for (size_t r = 0; r < b.rows; ++r) {
       size_t cand = size_t(order_[b.row_start + r]);
+      const TokenView& q = queries[query_index ? size_t(query_index[cand]) : 0];
       size_t base = b.offset + r * b.seq_len;
       T* out = ids + base;
       T* ty = types + base;
@@ -180,18 +220,12 @@ void PairAssembler::fill(const int32_t* q, size_t q_len, const std::vector<Token
         if (p.kind == TemplatePiece::kSpecial) {
           out[pos] = T(p.token_id);
           ty[pos++] = T(p.type_id);
-        } else if (p.kind == TemplatePiece::kSeqA) {
-          for (size_t i = 0; i < keep_q[cand]; ++i) out[pos + i] = T(q[i]);
-          std::fill(ty + pos, ty + pos + keep_q[cand], T(p.type_id));
-          pos += keep_q[cand];
         } else {
-          const TokenView& d = docs[cand];
-          if (d.u16)
-            for (size_t i = 0; i < keep_d[cand]; ++i) out[pos + i] = T(d.u16[i]);
-          else
-            for (size_t i = 0; i < keep_d[cand]; ++i) out[pos + i] = T(d.i32[i]);
-          std::fill(ty + pos, ty + pos + keep_d[cand], T(p.type_id));
-          pos += keep_d[cand];
+          bool is_query = p.kind == TemplatePiece::kSeqA;
+          size_t keep = is_query ? keep_q_[cand] : keep_d_[cand];
+          copy_tokens(is_query ? q : docs[cand], keep, out + pos);
+          std::fill(ty + pos, ty + pos + keep, T(p.type_id));
+          pos += keep;
         }
       }
       std::fill(out + pos, out + b.seq_len, T(tmpl_.pad_id));
@@ -200,7 +234,6 @@ void PairAssembler::fill(const int32_t* q, size_t q_len, const std::vector<Token
       std::fill(mask + base + pos, mask + base + b.seq_len, T(0));
     }
   }
-  (void)q_len;
 }
 
 }  // namespace tailrank

@@ -85,6 +85,11 @@ class PairAssembler {
   /// Same, with documents from a DocStore (held under its read lock during the copy).
   const std::vector<BatchSpec>& assemble_from_store(const int32_t* q, size_t q_len, const DocStore& store,
                                                     const uint64_t* ids, size_t n);
+  /// Pairs with different queries in one assembly: document i is paired with
+  /// queries[query_index[i]]. Same truncation, ordering, budget and buffers as assemble();
+  /// throws invalid_argument (before any work) when an index is outside [0, queries.size()).
+  const std::vector<BatchSpec>& assemble_multi(const std::vector<TokenView>& queries, const int64_t* query_index,
+                                               const std::vector<TokenView>& docs);
 
   /// order()[r] = candidate index of row r (rows numbered across batches).
   const std::vector<int64_t>& order() const { return order_; }
@@ -108,10 +113,12 @@ class PairAssembler {
   std::pair<size_t, size_t> truncate_lengths(size_t q_len, size_t d_len) const;
 
  private:
-  const std::vector<BatchSpec>& run(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs);
+  /// Candidate i pairs queries[query_index[i]], or queries[0] for every candidate when
+  /// query_index is null.
+  const std::vector<BatchSpec>& run(const std::vector<TokenView>& queries, const int64_t* query_index,
+                                    const std::vector<TokenView>& docs);
   template <class T>
-  void fill(const int32_t* q, size_t q_len, const std::vector<TokenView>& docs, const std::vector<size_t>& keep_q,
-            const std::vector<size_t>& keep_d);
+  void fill(const std::vector<TokenView>& queries, const int64_t* query_index, const std::vector<TokenView>& docs);
 
   PairTemplate tmpl_;
   AssemblerOptions opts_;
@@ -120,7 +127,8 @@ class PairAssembler {
   std::vector<BatchSpec> batches_;
   std::vector<int64_t> order_, lengths_;
   std::vector<uint8_t> truncated_;
-  std::vector<TokenView> scratch_docs_;
+  std::vector<size_t> keep_q_, keep_d_;  // tokens kept per candidate (reused across calls)
+  std::vector<TokenView> scratch_docs_, scratch_query_;
   size_t total_elements_ = 0;
   std::atomic<bool> busy_{false};
 };

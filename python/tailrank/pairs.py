@@ -245,6 +245,23 @@ class PairBatcher:
         q = as_token_ids(query_ids, "query_ids")
         return self._result(self._compiled.assemble_from_store(q, store._compiled, as_ids(ids)))
 
+    def assemble_multi(self, queries: Any, query_index: npt.ArrayLike, documents: Any) -> Assembly:
+        """Assembles pairs whose queries differ, in one set of batches: document i is paired with
+        ``queries[query_index[i]]`` (token ids, no special tokens). Truncation, longest-first order,
+        budget and buffers are as in :meth:`assemble`; candidates are the documents.
+
+        Raises:
+            ValueError: ``query_index`` is not one integer per document in ``[0, len(queries))``.
+        """
+        qs = [as_token_ids(q, f"queries[{i}]") for i, q in enumerate(queries)]
+        qi = np.asarray(query_index)
+        if qi.ndim != 1 or (qi.size and qi.dtype.kind not in "iu"):
+            raise ValueError(f"query_index must be a 1-D sequence of integers, got {qi.ndim}-D dtype {qi.dtype}")
+        if qi.dtype.kind == "u" and qi.size and int(qi.max()) >= len(qs):
+            raise ValueError(f"query_index holds {int(qi.max())}; it must be in [0, {len(qs)})")
+        docs = list(documents)
+        return self._result(self._compiled.assemble_multi(qs, np.ascontiguousarray(qi, dtype=np.int64), docs))
+
     def _result(self, raw: tuple[Any, Any, Any, Any]) -> Assembly:
         specs, order, lengths, truncated = raw
         ids_buf = self._compiled.input_ids()

@@ -297,8 +297,10 @@ TEST(PairAssembler, TruncateLengthsMatchesTokenizers) {
   }
 }
 
-/// Checks the batch layout rules and every row's contents against the reference assembly.
-void check_assembly(const PairAssembler& a, const Tokens& q, const std::vector<Tokens>& docs) {
+/// Checks the batch layout rules and every row's contents against the reference assembly;
+/// candidate i pairs queries[query_index[i]].
+void check_assembly_multi(const PairAssembler& a, const std::vector<Tokens>& queries,
+                          const std::vector<int64_t>& query_index, const std::vector<Tokens>& docs) {
   const size_t n = docs.size();
   const AssemblerOptions& o = a.options();
   ASSERT_EQ(a.order().size(), n);
@@ -338,6 +340,7 @@ void check_assembly(const PairAssembler& a, const Tokens& q, const std::vector<T
   EXPECT_GE(a.buffer_bytes(), 3 * offset * a.element_size());
 
   for (size_t cand = 0; cand < n; ++cand) {
+    const Tokens& q = queries[size_t(query_index[cand])];
     bool error;
     auto keep = hf_truncate(q.size(), docs[cand].size(), o.max_length, a.pair_template().n_special(), o.truncation,
                             &error);
@@ -352,6 +355,11 @@ void check_assembly(const PairAssembler& a, const Tokens& q, const std::vector<T
     Row want = expected_row(a.pair_template(), q, docs[cand], keep.first, keep.second, seq_len);
     ASSERT_EQ(read_row(a, r), want) << "candidate " << cand;
   }
+}
+
+/// The single-query case: every candidate pairs `q`.
+void check_assembly(const PairAssembler& a, const Tokens& q, const std::vector<Tokens>& docs) {
+  check_assembly_multi(a, {q}, std::vector<int64_t>(docs.size(), 0), docs);
 }
 
 std::vector<Tokens> random_docs(std::mt19937& rng, size_t n, size_t max_len, int32_t vocab) {
@@ -684,6 +692,110 @@ TEST(RetrieveAndAssemble, HitMissingFromStoreThrows) {
   // The assembler is free again afterwards.
   const uint64_t keep[3] = {c.ids[0], c.ids[1], c.ids[2]};
   EXPECT_NO_THROW(a.assemble_from_store(q.data(), q.size(), *store, keep, 3));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairs of different queries in one assembly
+
+TEST(PairAssembler, MultiQueryRowsMatchReference) {
+  std::mt19937 rng(48);
+  // Short, empty and long queries: the long one is itself truncated under longest_first.
+  std::vector<Tokens> queries = {{7, 8, 9}, {}, Tokens(90, 11), {42}};
+  auto docs = random_docs(rng, 200, 150, 30000);
+  std::vector<int64_t> qi(docs.size());
+  for (auto& x : qi) x = int64_t(rng() % queries.size());
+  std::vector<TokenView> qv = views(queries);
+  for (Truncation tr : {Truncation::kLongestFirst, Truncation::kOnlySecond}) {
+    for (const PairTemplate& t : {bert_template(), roberta_template()}) {
+      for (auto [batch_tokens, rows] : {std::pair<size_t, size_t>{1000, 16}, {128, 256}, {100000, 7}}) {
+        PairAssembler a(t, options(128, tr, batch_tokens, rows));
+        a.assemble_multi(qv, qi.data(), views(docs));
+        SCOPED_TRACE("batch_tokens " + std::to_string(batch_tokens) + " rows " + std::to_string(rows));
+        check_assembly_multi(a, queries, qi, docs);
+      }
+    }
+  }
+}
+
+TEST(PairAssembler, MultiQueryWithOneQueryEqualsAssemble) {
+  std::mt19937 rng(49);
+  Tokens q = {5, 6, 7, 8, 9, 10};
+  auto docs = random_docs(rng, 120, 80, 30000);
+  for (bool int32 : {false, true}) {
+    PairAssembler multi(bert_template(), options(64, Truncation::kLongestFirst, 512, 16, int32));
+    PairAssembler single(bert_template(), options(64, Truncation::kLongestFirst, 512, 16, int32));
+    std::vector<int64_t> zeros(docs.size(), 0);
+    std::vector<Tokens> qs = {q};
+    multi.assemble_multi(views(qs), zeros.data(), views(docs));
+    single.assemble(q.data(), q.size(), views(docs));
+    expect_same_assembly(multi, single);
+  }
+}
+
+TEST(PairAssembler, MultiQueryPerQueryRowsEqualSingleAssembly) {
+  // Each candidate's row equals its row in an assembly of its own query alone (up to padding).
+  std::mt19937 rng(50);
+  std::vector<Tokens> queries = {{1, 2}, {3, 4, 5, 6, 7, 8, 9, 10}, {}};
+  auto docs = random_docs(rng, 60, 70, 1000);
+  std::vector<int64_t> qi(docs.size());
+  for (size_t i = 0; i < qi.size(); ++i) qi[i] = int64_t(i % queries.size());
+  PairAssembler multi(roberta_template(), options(48, Truncation::kLongestFirst, 400, 8));
+  multi.assemble_multi(views(queries), qi.data(), views(docs));
+  auto unpadded = [](Row r) {
+    size_t n = size_t(std::count(r.mask.begin(), r.mask.end(), 1));
+    r.ids.resize(n);
+    r.mask.resize(n);
+    r.types.resize(n);
+    return r;
+  };
+  for (size_t k = 0; k < queries.size(); ++k) {
+    std::vector<Tokens> own;
+    std::vector<size_t> cands;
+    for (size_t i = 0; i < docs.size(); ++i)
+      if (size_t(qi[i]) == k) {
+        own.push_back(docs[i]);
+        cands.push_back(i);
+      }
+    PairAssembler single(roberta_template(), options(48, Truncation::kLongestFirst, 400, 8));
+    single.assemble(queries[k].data(), queries[k].size(), views(own));
+    for (size_t j = 0; j < cands.size(); ++j) {
+      EXPECT_EQ(unpadded(row_of_candidate(multi, cands[j])), unpadded(row_of_candidate(single, j)))
+          << "query " << k << " candidate " << cands[j];
+      EXPECT_EQ(multi.lengths()[cands[j]], single.lengths()[j]);
+      EXPECT_EQ(multi.truncated()[cands[j]], single.truncated()[j]);
+    }
+  }
+}
+
+TEST(PairAssembler, MultiQueryReadsNarrowViews) {
+  // Queries may be uint16 views (as DocStore hands out), like documents.
+  std::vector<uint16_t> narrow = {300, 301, 302};
+  TokenView nv;
+  nv.u16 = narrow.data();
+  nv.size = narrow.size();
+  std::vector<Tokens> wide_q = {{300, 301, 302}};
+  const std::vector<Tokens> docs = {{1, 2}, {3}};
+  std::vector<int64_t> qi = {0, 0};
+  PairAssembler a(bert_template(), options(64));
+  a.assemble_multi({nv}, qi.data(), views(docs));
+  check_assembly_multi(a, wide_q, qi, docs);
+}
+
+TEST(PairAssembler, MultiQueryIndexOutOfRangeThrows) {
+  std::vector<Tokens> queries = {{1}, {2, 3}};
+  const std::vector<Tokens> docs = {{4}, {5}, {6}};
+  PairAssembler a(bert_template(), options(64));
+  for (int64_t bad : {int64_t{2}, int64_t{-1}, int64_t{1} << 40}) {
+    std::vector<int64_t> qi = {0, bad, 1};
+    EXPECT_THROW(a.assemble_multi(views(queries), qi.data(), views(docs)), std::invalid_argument);
+  }
+  EXPECT_THROW(a.assemble_multi({}, std::vector<int64_t>{0}.data(), views({{1}})), std::invalid_argument);
+  // Empty inputs are fine, and the assembler is free again after an error.
+  a.assemble_multi({}, nullptr, {});
+  EXPECT_TRUE(a.batches().empty());
+  std::vector<int64_t> qi = {1, 0, 1};
+  a.assemble_multi(views(queries), qi.data(), views(docs));
+  check_assembly_multi(a, queries, qi, docs);
 }
 
 }  // namespace

@@ -497,6 +497,58 @@ def test_assemble_from_store_with_real_tokenizer(minilm: tuple[Tokenizer, Tokeni
         assert_row_matches(rows[i], ref.encode(query, text), template.pad_id)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_assemble_multi_equals_per_query_assemble(strategy: Truncation) -> None:
+    """Each pair's row in a mixed-query assembly equals its row when its query is assembled alone."""
+    rng = np.random.default_rng(12)
+    queries = [rng.integers(0, 30522, size=n) for n in (0, 3, 9, 40)]  # 40: the query itself is cut
+    docs = [rng.integers(0, 30522, size=int(n)) for n in rng.integers(0, 90, size=150)]
+    query_index = rng.integers(0, len(queries), size=len(docs))
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=48, truncation=strategy, batch_tokens=300, max_batch_size=8)
+    multi = batcher.assemble_multi(queries, query_index, docs)
+    assert multi.padded_tokens <= sum(len(b.rows) * 48 for b in multi.batches)
+    got = {i: tuple(np.array(x) for x in row) for i, row in rows_of(multi).items()}
+    lengths, truncated = multi.lengths.copy(), multi.truncated.copy()
+    single = PairBatcher(TEMPLATES["bert"], max_length=48, truncation=strategy, batch_tokens=300, max_batch_size=8)
+    for k, q in enumerate(queries):
+        cands = np.flatnonzero(query_index == k)
+        alone = single.assemble(q, [docs[i] for i in cands])
+        for j, (ids, types, mask) in rows_of(alone).items():
+            n = int(mask.sum())
+            g_ids, g_types, g_mask = got[int(cands[j])]
+            assert list(g_ids[:n]) == list(ids[:n]) and list(g_types[:n]) == list(types[:n])
+            assert g_mask[:n].all() and not g_mask[n:].any()
+            assert lengths[cands[j]] == alone.lengths[j] and truncated[cands[j]] == alone.truncated[j]
+
+
+def test_assemble_multi_with_one_query_equals_assemble() -> None:
+    rng = np.random.default_rng(13)
+    q = rng.integers(0, 30522, size=7)
+    docs = [rng.integers(0, 30522, size=int(n)) for n in rng.integers(0, 60, size=50)]
+    a = PairBatcher(TEMPLATES["roberta"], max_length=32, batch_tokens=128)
+    b = PairBatcher(TEMPLATES["roberta"], max_length=32, batch_tokens=128)
+    assert_same_assembly(a.assemble_multi([q], np.zeros(len(docs), dtype=np.int64), docs), b.assemble(q, docs))
+
+
+def test_assemble_multi_refuses_bad_query_index() -> None:
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=32)
+    queries, docs = [[1, 2], [3]], [[4], [5, 6]]
+    for bad in ([0, 2], [-1, 0], np.array([0, 2**40]), np.array([0, 2**63], dtype=np.uint64)):
+        with pytest.raises(ValueError, match="query_index"):
+            batcher.assemble_multi(queries, bad, docs)
+    with pytest.raises(ValueError, match="one entry per document"):
+        batcher.assemble_multi(queries, [0], docs)
+    with pytest.raises(ValueError, match="query_index"):
+        batcher.assemble_multi(queries, [[0, 1]], docs)
+    with pytest.raises(ValueError, match="query_index"):
+        batcher.assemble_multi(queries, [0.0, 1.0], docs)
+    with pytest.raises(ValueError, match="queries"):
+        batcher.assemble_multi([[-1]], [0, 0], docs)
+    assert len(batcher.assemble_multi([], [], []).batches) == 0
+    asm = batcher.assemble_multi(queries, [1, 0], docs)  # still usable after the errors
+    assert list(asm.lengths) == [5, 7]  # [CLS] 3 [SEP] 4 [SEP], [CLS] 1 2 [SEP] 5 6 [SEP]
+
+
 @pytest.fixture(scope="module")
 def corpus() -> tuple[VectorIndex, DocStore, dict[int, np.ndarray], np.random.Generator]:
     rng = np.random.default_rng(5)

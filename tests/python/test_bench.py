@@ -1,0 +1,187 @@
+"""``tailrank bench`` end to end on a tiny seeded model and a 20-document BEIR folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models import corpus, exported, exported_st, sample_text
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_beir(folder: Path, *, n_docs: int = 20, n_queries: int = 6, seed: int = 0) -> Path:
+    """A seeded BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (two relevant docs per query)."""
+    rng = random.Random(seed)
+    texts = corpus(seed, n_docs)
+    (folder / "qrels").mkdir(parents=True)
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"_id": f"d{i}", "title": f"title {i}", "text": t}) + "\n")
+    with open(folder / "queries.jsonl", "w", encoding="utf-8") as f:
+        for q in range(n_queries):
+            f.write(json.dumps({"_id": f"q{q}", "text": sample_text(rng, 5)}) + "\n")
+    with open(folder / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q in range(n_queries):
+            for d in rng.sample(range(n_docs), 2):
+                f.write(f"q{q}\td{d}\t1\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_beir(tmp_path_factory.mktemp("beir"))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return exported(tmp_path_factory, "bert")
+
+
+def check_png(path: Path) -> None:
+    from matplotlib import image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    pixels = image.imread(str(path))
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+def check_latency(r: dict[str, Any], samples: int) -> None:
+    lat = r["latency_ms"]
+    order = [lat[k] for k in ("min", "p50", "p90", "p99", "p99.9", "max")]
+    assert all(a <= b for a, b in zip(order, order[1:])), lat
+    assert order[0] > 0
+    assert r["samples"] == samples == len(r["raw_ns"])
+    assert r["insufficient_samples"] == ["p90", "p99", "p99.9"] if samples < 10 else "p99.9" in r["insufficient_samples"]
+    assert r["pairs_per_s"] > 0
+
+
+def test_bench_end_to_end(bert: tuple[Path, Path], beir: Path, tmp_path: Path) -> None:
+    from tailrank.cli import main
+
+    hf_dir, onnx_dir = bert
+    out = tmp_path / "out"
+    argv = [
+        "bench", "--reranker", str(onnx_dir), "--reranker-hf", str(hf_dir), "--dataset", str(beir),
+        "--candidates", "8", "--queries", "4", "--repeats", "2", "--threads", "1", "--precisions", "fp32,int8,bf16",
+        "--peers", "st,ort,flashrank", "--serve", "--rates", "2", "--serve-duration", "1", "--out", str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+
+    for key in ("machine", "settings", "workload", "matmul_gflops", "optimize_fidelity", "systems", "quality", "serve"):
+        assert key in res, key
+    m = res["machine"]
+    assert m["usable_cpus"] >= 1 and m["cpu_quota"] >= 1 and isinstance(m["cpu_flags"], list)
+    assert m["packages"]["tailrank"] and m["packages"]["numpy"]
+    assert res["settings"]["threads"] == 1 and res["settings"]["repeats"] == 2
+
+    w = res["workload"]
+    assert w["requests"] == 4 and w["candidates_per_request"] == [8] * 4 and w["pairs"] == 32
+    assert w["median_request_gflop"] > 0 and len(w["request_gflop"]) == 4
+    assert set(res["matmul_gflops"]) >= {"fp32", "int8"} and all(v > 0 for v in res["matmul_gflops"].values())
+
+    systems = res["systems"]
+    for name in ("tailrank-fp32", "tailrank-int8", "st-fp32", "ort-plain"):
+        r = systems[name]
+        check_latency(r, samples=8)
+        assert r["pairs"] == 64
+        assert r["ratio_to_floor"] >= 1 and r["ratio_to_floor_total"] >= 1, (name, r)
+        fid = r["fidelity_vs_fp32"]
+        assert -1 <= fid["kendall_tau_mean"] <= 1 and 0 <= fid["top10_overlap_mean"] <= 1
+    assert systems["tailrank-fp32"]["fidelity_vs_fp32"]["kendall_tau_mean"] == 1.0
+    # the st peer runs the same weights in PyTorch: same ranking
+    assert systems["st-fp32"]["fidelity_vs_fp32"]["kendall_tau_mean"] > 0.9
+    assert systems["tailrank-int8"]["precision"] == "int8"
+    assert "fidelity_gate_passed" in systems["tailrank-int8"]
+    # bf16 is refused by optimize on ONNX Runtime's CPU provider: skipped with its reason, not a crash
+    assert "bf16" in systems["tailrank-bf16"]["skipped"]
+    # FlashRank cannot run this model (not installed, or the model lacks files it reads): skipped with a reason
+    if importlib.util.find_spec("flashrank") is None:
+        assert systems["flashrank"]["skipped"].startswith("not installed")
+    else:
+        assert "skipped" in systems["flashrank"] or systems["flashrank"]["samples"] == 8
+
+    opt = res["optimize_fidelity"]
+    assert opt["int8"]["precision"] == "int8" and 0 < opt["int8"]["queries"]
+    assert "skipped" in opt["bf16"]
+
+    q = res["quality"]
+    assert "skipped" in q["first_stage"]
+    for name in ("tailrank-fp32", "tailrank-int8", "st-fp32", "ort-plain"):
+        metrics = q["systems"][name]
+        assert metrics["queries"] == 4
+        assert 0 < metrics["ndcg@10"] <= 1
+        assert metrics["recall@8"] == pytest.approx(1.0)  # every relevant doc is a candidate
+
+    sv = res["serve"]
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        assert sv["skipped"].startswith("server not available")
+    else:
+        (rate,) = sv["rates"]
+        assert rate["rate"] == 2.0 and rate["offered"] >= 0 and rate["ok"] + rate["rejected"] <= rate["offered"]
+        assert rate["ok"] == len(rate["raw_ok_ns"]) and 0 <= rate["rate_429"] <= 1
+        if rate["ok"]:
+            lat = rate["latency_ms"]
+            assert lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
+        assert "latency_vs_load.png" in res["plots"]
+
+    report = (out / "report.md").read_text()
+    for section in ("## Library mode", "## Quality", "## Serve mode", "tailrank-int8", "skipped: not installed"
+                    if importlib.util.find_spec("flashrank") is None else "flashrank"):
+        assert section in report, section
+    assert res["plots"] and "latency_cdf.png" in res["plots"] and "speed_vs_quality.png" in res["plots"]
+    for name in res["plots"]:
+        check_png(out / name)
+
+
+def test_bench_first_stage_and_embedding_cache(
+    bert: tuple[Path, Path], beir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tailrank
+    from tailrank.cli import main
+
+    _, onnx_dir = bert
+    _, embedder_dir = exported_st(tmp_path_factory, pooling="mean", normalize=True)
+    argv = ["bench", "--reranker", str(onnx_dir), "--embedder", str(embedder_dir), "--dataset", str(beir),
+            "--candidates", "5", "--queries", "3", "--threads", "1", "--precisions", "fp32", "--peers", "st",
+            "--warmup", "1", "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["workload"]["source"].startswith("first stage")
+    assert res["workload"]["candidates_per_request"] == [5, 5, 5]
+    fs = res["quality"]["first_stage"]
+    assert fs["queries"] == 3 and 0 <= fs["ndcg@10"] <= 1 and 0 <= fs["recall@5"] <= fs["recall@10"] <= 1
+    assert res["systems"]["st-fp32"]["skipped"].startswith("needs the Hugging Face checkpoint")
+    assert res["serve"] is None
+    cached = Path(res["workload"]["embedding_cache"])
+    assert cached.is_file() and cached.parent.parent == tmp_path / "cache"
+
+    texts_encoded: list[int] = []
+    encode = tailrank.Embedder.encode
+
+    def counting(self: Any, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        texts_encoded.append(len(texts))
+        return encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(tailrank.Embedder, "encode", counting)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert texts_encoded == [3]  # only the queries: the corpus embeddings came from the cache
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["workload"]["query_ids"] == res["workload"]["query_ids"]
+    assert again["quality"]["first_stage"] == fs
+
+
+def test_bench_rejects_bad_arguments(beir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tailrank.cli import main
+
+    assert main(["bench", "--reranker", str(tmp_path), "--dataset", str(beir), "--precisions", "fp8"]) == 2
+    assert "unknown precision" in capsys.readouterr().err

@@ -1,0 +1,528 @@
+"""tailrank serve: both rerank dialects, the Cohere SDK, auth, limits, bad input, overload,
+failing batches, deadlines, metrics, cross-request batching and search, on a real small model
+through an in-process ASGI client (and once through uvicorn for the SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+import models
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tailrank import CrossEncoder  # noqa: E402
+from tailrank.errors import FilterError  # noqa: E402
+from tailrank.serve import Limits, create_app  # noqa: E402
+from tailrank.serve.loadgen import arrival_times, run_open_loop_async, summarize  # noqa: E402
+
+KEY = "test-key-5"
+
+
+@pytest.fixture(scope="module")
+def ce(tmp_path_factory: pytest.TempPathFactory) -> CrossEncoder:
+    _, model_dir = models.exported(tmp_path_factory, "bert", 1)
+    return CrossEncoder(model_dir, threads=1)
+
+
+def texts(seed: int, n: int, words: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [models.sample_text(rng, rng.randint(1, words)) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def client(app: Any, **kw: Any) -> Iterator[TestClient]:
+    with TestClient(app, **kw) as c:
+        assert app.state.tailrank.scheduler.wait_ready(60)
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def async_client(app: Any) -> AsyncIterator[Any]:
+    """Concurrent requests in one event loop (the app's lifespan run by hand)."""
+    async with app.router.lifespan_context(app):
+        await asyncio.to_thread(app.state.tailrank.scheduler.wait_ready, 60)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tailrank") as c:
+            yield c
+
+
+@dataclass
+class Stretched:
+    """The real model with its compute stretched to ``tokens_per_s`` (sleep stands in for a
+    slower model) and, optionally, failing on any batch holding the token ``poison``."""
+
+    ce: CrossEncoder
+    tokens_per_s: float | None = None
+    poison: int | None = None
+    failed_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        self.max_length = self.ce.max_length
+        self.n_labels = self.ce.n_labels
+        self.batch_tokens = self.ce.batch_tokens
+
+    def batcher(self, max_batch_size: int | None = None) -> Any:
+        return self.ce.batcher(max_batch_size)
+
+    def tokenize(self, texts: list[str]) -> Any:
+        return self.ce.tokenize(texts)
+
+    def scores_from_logits(self, logits: Any, *, raw: bool = False) -> Any:
+        return self.ce.scores_from_logits(logits, raw=raw)
+
+    def score_assembly(self, assembly: Any, *, deadline: float | None = None) -> Any:
+        if self.poison is not None and any((b.input_ids == self.poison).any() for b in assembly.batches):
+            self.failed_rounds += 1
+            raise RuntimeError("injected failure")
+        if self.tokens_per_s:
+            time.sleep(assembly.real_tokens / self.tokens_per_s)
+        return self.ce.score_assembly(assembly, deadline=deadline)
+
+
+@dataclass
+class Rounds:
+    """A round hook: records each round's jobs; can hold rounds until released."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    sizes: list[int] = field(default_factory=list)
+    queries: list[list[tuple[int, ...]]] = field(default_factory=list)
+
+    def __call__(self, jobs: list[Any]) -> None:
+        self.sizes.append(len(jobs))
+        self.queries.append([tuple(j.queries[0].tolist()) for j in jobs])
+        self.entered.set()
+        assert self.gate.wait(30)
+
+
+def ranked(ce: CrossEncoder, query: str, docs: list[str]) -> list[tuple[int, float]]:
+    return [(h["corpus_id"], h["score"]) for h in ce.rank(query, docs)]
+
+
+# --- dialects -----------------------------------------------------------------------------
+
+
+def test_cohere_dialect_matches_rank(ce: CrossEncoder) -> None:
+    docs = texts(1, 9)
+    want = ranked(ce, "cancer risk in mice", docs)
+    with client(create_app(ce)) as c:
+        for path, version in (("/rerank", "2"), ("/v1/rerank", "1"), ("/v2/rerank", "2")):
+            body = {"model": "any-name", "query": "cancer risk in mice", "documents": docs[:4] + [{"text": d} for d in docs[4:]]}
+            r = c.post(path, json={**body, "top_n": 4, "return_documents": True})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert [x["index"] for x in out["results"]] == [i for i, _ in want[:4]]
+            np.testing.assert_allclose([x["relevance_score"] for x in out["results"]], [s for _, s in want[:4]], atol=1e-5)
+            assert [x["document"]["text"] for x in out["results"]] == [docs[i] for i, _ in want[:4]]
+            assert out["meta"]["api_version"]["version"] == version and out["meta"]["degraded"] is False
+            assert out["meta"]["model"] == "any-name" and out["meta"]["billed_units"]["search_units"] == 1
+            assert r.headers["X-Tailrank-Degraded"] == "false"
+            for h in ("X-Tokenize-Time", "X-Queue-Time", "X-Score-Time", "X-Total-Time"):
+                assert float(r.headers[h]) >= 0
+        full = c.post("/rerank", json=body).json()["results"]
+        assert len(full) == len(docs) and all("document" not in x for x in full)
+        assert c.post("/rerank", json={"query": "q", "documents": []}).json()["results"] == []
+        # Cohere v1 rank_fields: objects ranked on the named fields.
+        r = c.post("/v1/rerank", json={"query": "q", "documents": [{"title": "cells", "body": "x"}], "rank_fields": ["title"]})
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_tei_dialect(ce: CrossEncoder) -> None:
+    docs = texts(2, 7)
+    want = ranked(ce, "immune response", docs)
+    with client(create_app(ce)) as c:
+        r = c.post("/rerank", json={"query": "immune response", "texts": docs, "return_text": True})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert isinstance(out, list) and [x["index"] for x in out] == [i for i, _ in want]
+        np.testing.assert_allclose([x["score"] for x in out], [s for _, s in want], atol=1e-5)
+        assert [x["text"] for x in out] == [docs[x["index"]] for x in out]
+        raw = c.post("/v1/rerank", json={"query": "immune response", "texts": docs, "raw_scores": True}).json()
+        assert [x["index"] for x in raw] == [i for i, _ in want] and "text" not in raw[0]
+        np.testing.assert_allclose(1 / (1 + np.exp(-np.array([x["score"] for x in raw]))), [s for _, s in want], atol=1e-5)
+
+
+def test_tei_truncation(ce: CrossEncoder) -> None:
+    filler = " ".join(["cells"] * 120)  # far past the model's 64 positions
+    docs = [filler + " cancer tumor", filler + " sleep memory"]
+    with client(create_app(ce)) as c:
+        r = c.post("/rerank", json={"query": "q", "texts": docs, "truncate": False})
+        assert r.status_code == 413 and "at most 64" in r.json()["detail"]
+        right = c.post("/rerank", json={"query": "q", "texts": docs, "truncate": True}).json()
+        assert right[0]["score"] == pytest.approx(right[1]["score"], abs=1e-6)  # the same kept start
+        left = c.post("/rerank", json={"query": "q", "texts": docs, "truncation_direction": "Left"}).json()
+        assert abs(left[0]["score"] - left[1]["score"]) > 1e-4  # the different ends are kept
+        want = ranked(ce, "q", [" ".join(["cells"] * 58) + " cancer tumor"])[0][1]  # 64 - 3 specials - 1 query token
+        assert next(x["score"] for x in left if x["index"] == 0) == pytest.approx(want, abs=1e-5)
+        # Cohere's max_tokens_per_doc cuts documents before pairing.
+        r = c.post("/rerank", json={"query": "q", "documents": docs, "max_tokens_per_doc": 3})
+        assert r.json()["results"][0]["relevance_score"] == pytest.approx(ranked(ce, "q", ["cells cells cells"])[0][1], abs=1e-5)
+
+
+def test_cohere_sdk_round_trip(ce: CrossEncoder) -> None:
+    cohere = pytest.importorskip("cohere")
+    import uvicorn
+
+    docs = texts(3, 6)
+    want = ranked(ce, "protein binding", docs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(ce, api_key=KEY), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:  # another thread's start-up: nothing to block on
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client() as http:  # closed here: the SDK leaves its own clients' sockets open
+            v2 = cohere.ClientV2(api_key=KEY, base_url=base, httpx_client=http).rerank(
+                model="m", query="protein binding", documents=docs, top_n=3
+            )
+            assert [x.index for x in v2.results] == [i for i, _ in want[:3]]
+            assert v2.results[0].relevance_score == pytest.approx(want[0][1], abs=1e-5)
+            v1 = cohere.Client(api_key=KEY, base_url=base, httpx_client=http).rerank(
+                model="m", query="protein binding", documents=docs, top_n=2, return_documents=True
+            )
+            assert [x.index for x in v1.results] == [i for i, _ in want[:2]]
+            assert v1.results[0].document.text == docs[want[0][0]]
+            with pytest.raises(cohere.errors.UnauthorizedError):
+                cohere.ClientV2(api_key="wrong", base_url=base, httpx_client=http).rerank(
+                    model="m", query="q", documents=["a"]
+                )
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# --- security, limits, bad input -------------------------------------------------------------
+
+
+def test_auth(ce: CrossEncoder) -> None:
+    body = {"query": "q", "texts": ["a b"]}
+    with client(create_app(ce, api_key=KEY)) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in (("get", "/ready"), ("get", "/metrics"), ("get", "/openapi.json"), ("post", "/rerank")):
+            r = getattr(c, method)(path, **({"json": body} if method == "post" else {}))
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
+        assert c.post("/rerank", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/rerank", json=body, headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+        assert c.post("/rerank", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert c.get("/ready", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with client(create_app(ce)) as c:
+        assert c.post("/rerank", json=body).status_code == 200
+        assert c.get("/metrics").status_code == 200
+
+
+def test_limits(ce: CrossEncoder) -> None:
+    limits = Limits(max_documents=3, max_document_chars=50, max_query_chars=20, max_request_tokens=40, max_body_bytes=2000)
+    with client(create_app(ce, limits=limits)) as c:
+        cases = [
+            ({"query": "q", "documents": ["a", "b", "c", "d"]}, "the limit is 3"),
+            ({"query": "q", "texts": ["a", "x" * 51]}, "the limit is 50"),
+            ({"query": "q" * 21, "texts": ["a"]}, "the limit is 20"),
+            ({"query": "q", "texts": ["a " * 10] * 3}, "the limit is 40"),  # 3 x (10 + 1 + 3) tokens
+            ({"query": "q", "texts": ["a" * 40] * 60}, "2000 bytes"),
+        ]
+        for body, message in cases:
+            r = c.post("/rerank", json=body)
+            assert r.status_code == 413 and message in r.json()["detail"], (r.status_code, r.text)
+        # A body streamed without Content-Length is counted as it arrives.
+        chunks = (b'{"query": "q", "texts": ["' + b"a" * 500 + b'"]' for _ in range(10))
+        r = c.post("/rerank", content=chunks, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
+        assert c.post("/rerank", json={"query": "q", "texts": ["a", "b"]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [
+        (b"{not json", {}),
+        (b"[1, 2]", {}),
+        (b'"text"', {}),
+        (b"", {}),
+        (b'{"query": 1, "documents": ["a"]}', {}),
+        (b'{"query": "q", "documents": [1]}', {}),
+        (b'{"query": "q", "documents": [{"title": "no text"}]}', {}),
+        (b'{"query": "q", "documents": ["a"], "top_n": 0}', {}),
+        (b'{"query": "q", "documents": ["a"], "top_n": "2"}', {}),
+        (b'{"query": "q", "documents": "a"}', {}),
+        (b'{"query": "q"}', {}),
+        (b'{"query": "q", "texts": [null]}', {}),
+        (b'{"query": "q", "texts": ["a"], "truncation_direction": "Up"}', {}),
+        (b'{"query": "q", "texts": ["a"], "deadline_ms": -5}', {}),
+        (b'{"query": "q", "texts": ["a"]}', {"X-Request-Timeout-Ms": "soon"}),
+        (b'{"query": "q", "texts": ["a"]}', {"X-Request-Timeout-Ms": "1e12"}),
+        (b'{"query": "q", "texts": ["a"]}', {"Content-Length": "x"}),
+    ],
+)
+def test_malformed_requests_get_4xx(ce: CrossEncoder, body: bytes, headers: dict[str, str]) -> None:
+    with client(create_app(ce)) as c:
+        r = c.post("/rerank", content=body, headers={"Content-Type": "application/json", **headers})
+        assert 400 <= r.status_code < 500, (r.status_code, r.text)
+        assert "detail" in r.json()
+        assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+
+
+# --- scheduling: overload, failures, deadlines, batching ---------------------------------------
+
+
+def test_overload_rejects_fast_and_admitted_requests_succeed(ce: CrossEncoder) -> None:
+    model = Stretched(ce, tokens_per_s=20_000)  # ~60 ms per request below: ~16 requests/s
+    deadline_ms = 400.0
+    docs = texts(4, 40, words=20)
+    app = create_app(model, default_deadline_ms=deadline_ms)
+
+    async def go() -> list[Any]:
+        async with async_client(app) as c:
+            return await run_open_loop_async(
+                "/rerank", lambda n: {"query": "risk", "texts": docs}, rate=250, duration_s=0.4, seed=1, client=c
+            )
+
+    records = asyncio.run(go())
+    stats = summarize(records, duration_s=0.4, deadline_ms=deadline_ms)
+    assert stats["offered"] > 60 and set(stats["status_counts"]) <= {"200", "429"}, stats
+    assert stats["rejected"] > stats["offered"] // 2, stats
+    assert stats["reject_p99_ms"] < 250, stats  # refused at once, never queued
+    ok = [r for r in records if r.status == 200]
+    assert len(ok) >= 3 and sum(not r.degraded for r in ok) >= 3, stats
+    assert max(r.latency_s for r in ok) * 1000 < deadline_ms + 200, stats
+    text = app.state.tailrank.metrics.render().decode()
+    assert 'tailrank_rejections_total{reason="deadline"}' in text
+
+
+def test_failing_batch_fails_exactly_its_requests(ce: CrossEncoder) -> None:
+    (poison,) = ce.tokenize(["vaccine"])[0].tolist()
+    model = Stretched(ce, poison=poison)
+    rounds = Rounds()
+    app = create_app(model, max_batch_tokens=model.max_length * 2, round_hook=rounds)
+    words = [w for w in models.WORDS if w != "vaccine"]
+    queries = [f"{words[2 * i]} {words[2 * i + 1]}" for i in range(8)]
+    poisoned = {1, 5}
+
+    def body(i: int) -> dict[str, Any]:
+        docs = texts(10 + i, 3, words=6)
+        return {"query": queries[i], "texts": docs + (["vaccine trial"] if i in poisoned else [])}
+
+    async def go() -> list[Any]:
+        async with async_client(app) as c:
+            first = asyncio.ensure_future(c.post("/rerank", json=body(0)))
+            await asyncio.to_thread(rounds.entered.wait, 30)  # the scheduler now holds round 1
+            rest = [asyncio.ensure_future(c.post("/rerank", json=body(i))) for i in range(1, 8)]
+            await asyncio.sleep(0.3)  # let them all queue behind the held round
+            rounds.gate.set()
+            out = await asyncio.gather(first, *rest)
+            out.append(await c.get("/health"))
+            out.append(await c.post("/rerank", json=body(2)))  # still serving
+            return out
+
+    *responses, health, after = asyncio.run(go())
+    assert health.status_code == 200 and after.status_code == 200
+    assert model.failed_rounds >= 1
+    tokens = {i: tuple(ce.tokenize([q])[0].tolist()) for i, q in enumerate(queries)}
+    failed_rounds = [qs for qs in rounds.queries if any(tokens[i] in qs for i in poisoned)]
+    in_failed = {i for i in range(8) if any(tokens[i] in qs for qs in failed_rounds)}
+    assert in_failed >= poisoned
+    for i, r in enumerate(responses):
+        if i in in_failed:
+            assert r.status_code == 500 and "RuntimeError: injected failure" in r.json()["detail"], (i, r.text)
+        else:
+            assert r.status_code == 200, (i, r.text)
+    assert max(rounds.sizes) >= 2  # the held-up requests were batched together
+
+
+def test_cross_request_batching_mixes_requests_and_keeps_each_ranking(ce: CrossEncoder) -> None:
+    rounds = Rounds()
+    app = create_app(ce, round_hook=rounds)
+    requests = [(f"{models.WORDS[30 + i]} risk", texts(20 + i, 5, words=8)) for i in range(6)]
+
+    async def go() -> list[Any]:
+        async with async_client(app) as c:
+            first = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            rest = [asyncio.ensure_future(c.post("/rerank", json={"query": q, "texts": d})) for q, d in requests]
+            await asyncio.sleep(0.3)
+            rounds.gate.set()
+            await first
+            out = await asyncio.gather(*rest)
+            out.append(await c.get("/metrics"))
+            return out
+
+    *responses, metrics = asyncio.run(go())
+    assert max(rounds.sizes) >= 2, rounds.sizes
+    for (q, docs), r in zip(requests, responses):
+        want = ranked(ce, q, docs)
+        assert [x["index"] for x in r.json()] == [i for i, _ in want]
+        np.testing.assert_allclose([x["score"] for x in r.json()], [s for _, s in want], atol=1e-5)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    samples = {s.labels.get("le"): s.value for s in families["tailrank_batch_requests"].samples if s.name.endswith("_bucket")}
+    assert samples["1.0"] < samples["+Inf"]  # some round held more than one request
+
+
+def test_deadline_degrades_and_says_so(ce: CrossEncoder) -> None:
+    model = Stretched(ce, tokens_per_s=10_000)
+    docs = texts(5, 150, words=12)  # ~3000 tokens: ~0.3 s of work
+    with client(create_app(model)) as c:
+        t0 = time.monotonic()
+        r = c.post("/rerank", json={"query": "brain", "documents": docs}, headers={"X-Request-Timeout-Ms": "120"})
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and took < 0.6
+        out = r.json()
+        assert out["meta"]["degraded"] is True and r.headers["X-Tailrank-Degraded"] == "true"
+        n_scored = out["meta"]["scored"]
+        assert 0 < n_scored < len(docs)
+        results = out["results"]
+        assert len(results) == len(docs)
+        scores = [x["relevance_score"] for x in results[:n_scored]]
+        assert None not in scores and scores == sorted(scores, reverse=True)
+        rest = results[n_scored:]
+        assert all(x["relevance_score"] is None for x in rest)
+        assert [x["index"] for x in rest] == sorted(x["index"] for x in rest)  # input order
+        # TEI: the header says so; the body keeps its shape.
+        r = c.post("/rerank", json={"query": "brain", "texts": docs, "deadline_ms": 120})
+        assert r.headers["X-Tailrank-Degraded"] == "true" and isinstance(r.json(), list)
+        # A generous deadline ranks everything.
+        r = c.post("/rerank", json={"query": "brain", "texts": docs[:10], "deadline_ms": 5000})
+        assert r.headers["X-Tailrank-Degraded"] == "false"
+        text = c.get("/metrics").text
+    assert "tailrank_degraded_total 2.0" in text
+
+
+def test_disconnected_client_is_dropped_before_compute(ce: CrossEncoder) -> None:
+    rounds = Rounds()
+    app = create_app(ce, round_hook=rounds)
+
+    async def go() -> None:
+        async with async_client(app) as c:
+            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            leave = asyncio.Event()
+            body = json.dumps({"query": "gone away", "texts": ["a", "b"]}).encode()
+            sent = False
+            messages: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await leave.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                messages.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/rerank", "raw_path": b"/rerank", "query_string": b"",
+                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
+            call = asyncio.ensure_future(app(scope, receive, send))
+            await asyncio.sleep(0.3)
+            leave.set()
+            await call
+            rounds.gate.set()
+            assert (await held).status_code == 200
+            assert messages[0]["status"] == 499
+
+    asyncio.run(go())
+    gone = tuple(ce.tokenize(["gone away"])[0].tolist())
+    assert not any(gone in qs for qs in rounds.queries)  # never computed
+    assert 'tailrank_rejections_total{reason="disconnected"} 1.0' in app.state.tailrank.metrics.render().decode()
+
+
+# --- ops endpoints, search, loadgen ---------------------------------------------------------
+
+
+def test_health_ready_metrics(ce: CrossEncoder) -> None:
+    c = TestClient(create_app(ce))  # no `with`: no lifespan, so no scheduler and nothing to serve
+    assert c.get("/health").status_code == 200
+    assert c.get("/ready").status_code == 503
+    assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 503
+    with client(create_app(ce)) as c:
+        assert c.get("/ready").json()["status"] == "ready"
+        c.post("/rerank", json={"query": "q", "texts": texts(6, 5)})
+        assert c.get("/openapi.json").json()["paths"].keys() >= {"/rerank", "/v1/rerank", "/v2/rerank", "/search"}
+        r = c.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    stages = {s.labels["stage"] for s in families["tailrank_request_stage_seconds"].samples}
+    assert stages == {"tokenize", "queue", "score", "total"}
+    for name in ("tailrank_batch_size", "tailrank_batch_tokens", "tailrank_queue_pairs", "tailrank_rejections",
+                 "tailrank_http_responses", "tailrank_throughput_tokens_per_second"):
+        assert name in families, name
+    assert families["tailrank_batch_size"].samples[-1].value >= 1  # _sum of rows
+
+
+@dataclass
+class FakeHit:
+    id: int
+    score: float
+    first_stage_score: float
+    text: str
+    metadata: dict[str, Any]
+    truncated: bool = False
+
+
+@dataclass
+class FakeResult:
+    hits: list[FakeHit]
+    degraded: bool
+    timings: dict[str, float]
+
+
+class FakeCollection:
+    """The Collection.search contract, for the route's tests."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def search(self, query: str, *, k: int = 10, candidates: int = 100, filter: Any = None, rerank: bool = True,
+               deadline_ms: float | None = None, ef: int | None = None) -> FakeResult:
+        self.calls.append({"query": query, "k": k, "candidates": candidates, "filter": filter, "deadline_ms": deadline_ms})
+        if filter is not None and "bad" in filter:
+            raise FilterError("unknown operator $bad")
+        hits = [FakeHit(i, 1.0 - i / 10, 0.5, f"doc {i}", {"year": 2000 + i}) for i in range(k)]
+        return FakeResult(hits, degraded=query == "slow", timings={"embed": 1.0, "ann": 0.5, "score": 3.0, "total": 5.0})
+
+
+def test_search(ce: CrossEncoder) -> None:
+    coll = FakeCollection()
+    with client(create_app(ce, collection=coll)) as c:
+        r = c.post("/search", json={"query": "q", "k": 3, "candidates": 50, "filter": {"year": 2001}},
+                   headers={"X-Request-Timeout-Ms": "800"})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [h["id"] for h in out["hits"]] == [0, 1, 2] and out["hits"][1]["metadata"] == {"year": 2001}
+        assert out["degraded"] is False and r.headers["X-Tailrank-Degraded"] == "false"
+        assert r.headers["X-Embed-Time"] == "1.000" and r.headers["X-Total-Time"] == "5.000"
+        assert coll.calls[-1]["candidates"] == 50 and 0 < coll.calls[-1]["deadline_ms"] <= 800
+        assert c.post("/search", json={"query": "slow"}).headers["X-Tailrank-Degraded"] == "true"
+        r = c.post("/search", json={"query": "q", "filter": {"bad": 1}})
+        assert r.status_code == 422 and "unknown operator" in r.json()["detail"]
+        assert c.post("/search", json={"query": "q", "k": "3"}).status_code == 422
+    with client(create_app(ce)) as c:
+        assert c.post("/search", json={"query": "q"}).status_code == 404
+
+
+def test_loadgen_schedule_is_seeded_poisson() -> None:
+    a, b = arrival_times(200, 5, seed=3), arrival_times(200, 5, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert 800 < a.size < 1200 and np.all(np.diff(a) > 0) and a[-1] < 5
+    gaps = np.diff(a)
+    assert gaps.mean() == pytest.approx(1 / 200, rel=0.1) and gaps.std() == pytest.approx(1 / 200, rel=0.15)
+    assert not np.array_equal(a[:50], arrival_times(200, 5, seed=4)[:50])
