@@ -178,6 +178,8 @@ class CrossEncoder:
         threads: ONNX Runtime intra-op threads. Default: the CPUs this process may use (affinity
             mask and cgroup quota).
         cache_tokens: Capacity of the document token cache, in tokens.
+        spin: Let idle ONNX Runtime threads busy-wait for work (lowest latency for a dedicated
+            process); False for servers, where spinning threads starve the event loop.
 
     Raises:
         ModelError: Missing or invalid files, a graph that is not a cross-encoder (logits not
@@ -195,6 +197,7 @@ class CrossEncoder:
         activation: Activation = "default",
         threads: int | None = None,
         cache_tokens: int = 1 << 22,
+        spin: bool = True,
     ) -> None:
         if activation not in ("default", "none"):
             raise ValueError(f'activation must be "default" or "none", got {activation!r}')
@@ -228,7 +231,7 @@ class CrossEncoder:
         if self.max_length <= self._template.n_special:
             raise ModelError(f"max_length {self.max_length} leaves no room for text after the special tokens")
 
-        self._session, self.device = load_session(onnx_path, device=device, threads=threads)
+        self._session, self.device = load_session(onnx_path, device=device, threads=threads, spin=spin)
         self._read_signature(onnx_path)
         self.fingerprint = file_fingerprint(onnx_path, tok_path)
         dflt_tokens, dflt_rows = _DEFAULTS[self.device]
@@ -493,6 +496,13 @@ class CrossEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
         """Token ids of ``texts`` (no special tokens, untruncated)."""
         return self._encode(list(texts))
+
+    def document_tokens(self, documents: Sequence[str], query_len: int = 0) -> list[npt.NDArray[np.int32]]:
+        """Token ids of documents through the LRU token cache (no special tokens). A document
+        longer than a pair can hold is cut to ``max_length - specials + 1`` tokens, which
+        truncates its pair with a query of ``query_len`` tokens exactly as the full text would
+        (so "too long" stays detectable). The arrays are shared with the cache: do not modify."""
+        return self._doc_tokens(list(documents), positive_int(query_len, "query_len", minimum=0))
 
     def tokenize_documents(self, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
         """Token ids of documents (no special tokens, untruncated), e.g. for ``DocStore.add``."""

@@ -387,3 +387,27 @@ def test_cli_ingest_search_eval(tmp_path, emb_dir, ce_dir, capsys):
     assert ev["first_stage"]["recall@100"] == 1.0
     assert main(["search", str(col), "x", "--filter", "{bad"]) == 2
     assert main(["search", str(col), "x", "--filter", '{"a": {"$gt": 1}}']) == 2
+
+
+def test_served_search_on_a_real_collection(filled):
+    """POST /search of `tailrank serve` over this Collection: same hits as the library call,
+    filters, stage-time headers, and a bad filter is a 422."""
+    from fastapi.testclient import TestClient
+
+    from tailrank.serve import create_app
+
+    col, texts, ids, metas = filled
+    want = col.search("protein binding", k=5, candidates=30, filter={"lang": "en"})
+    app = create_app(col.reranker, collection=col)
+    with TestClient(app) as c:
+        assert app.state.tailrank.scheduler.wait_ready(60)
+        r = c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 30, "filter": {"lang": "en"}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [h["id"] for h in body["hits"]] == want.ids()
+        assert all(h["metadata"]["lang"] == "en" for h in body["hits"])
+        assert body["hits"][0]["score"] == pytest.approx(want.hits[0].score, abs=1e-5)
+        assert body["degraded"] is False and r.headers["X-Tailrank-Degraded"] == "false"
+        assert float(r.headers["X-Score-Time"]) > 0
+        bad = c.post("/search", json={"query": "x", "filter": {"lang": {"$regex": "e"}}})
+        assert bad.status_code == 422 and "$regex" in bad.text

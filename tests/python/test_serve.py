@@ -81,6 +81,9 @@ class Stretched:
     def tokenize(self, texts: list[str]) -> Any:
         return self.ce.tokenize(texts)
 
+    def document_tokens(self, texts: list[str], query_len: int = 0) -> Any:
+        return self.ce.document_tokens(texts, query_len)
+
     def scores_from_logits(self, logits: Any, *, raw: bool = False) -> Any:
         return self.ce.scores_from_logits(logits, raw=raw)
 

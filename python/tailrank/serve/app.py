@@ -293,8 +293,9 @@ class _Server:
     def prepare(self, query: str, texts: list[str], *, max_tokens_per_doc: int | None, truncate: bool,
                 left: bool) -> _Prepared:
         t0 = time.perf_counter()
-        ids = self.model.tokenize([query, *texts])
-        q, docs = ids[0], ids[1:]
+        (q,) = self.model.tokenize([query])
+        # Left truncation keeps the ends, which the token cache (that keeps starts) cannot give.
+        docs = self.model.tokenize(texts) if left else self.model.document_tokens(texts, q.size)
         if max_tokens_per_doc is not None:
             docs = [d[:max_tokens_per_doc] for d in docs]
         n_special = self.scheduler.n_special
@@ -467,7 +468,7 @@ def create_app(
     from ..cross_encoder import CrossEncoder
 
     if isinstance(reranker, (str, os.PathLike)):
-        reranker = CrossEncoder(reranker, threads=threads)
+        reranker = CrossEncoder(reranker, threads=threads, spin=False)
     model: Reranker = reranker
     limits = limits or Limits()
     if not (0 < float(default_deadline_ms) <= _MAX_DEADLINE_MS):

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
               "it may use it (set --api-key or TAILRANK_API_KEY)", file=sys.stderr)
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _LIMIT_FLAGS}
     limits = Limits(**{k: v for k, v in overrides.items() if v is not None})
-    model = CrossEncoder(args.reranker, threads=args.threads, device=args.device)
+    model = CrossEncoder(args.reranker, threads=args.threads, device=args.device, spin=False)
     app = create_app(
         model,
         collection=args.collection,

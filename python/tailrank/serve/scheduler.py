@@ -61,6 +61,8 @@ class Reranker(Protocol):
 
     def tokenize(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]: ...
 
+    def document_tokens(self, documents: Sequence[str], query_len: int = 0) -> list[npt.NDArray[np.int32]]: ...
+
 
 class Rejected(Exception):
     """Refused at admission: ``reason`` is a metrics label, ``retry_after_s`` a hint for clients."""
