@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench bench-scorer clean
+.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench bench-scorer bench-pipeline bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: venv
 	$(BIN)/pip install -q ".[test,bench,export,serve,eval]"
 
 demo: install
-	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 500
+	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
 test: install test-cpp test-asan stubtest test-py
 
@@ -57,6 +57,16 @@ bench: install
 bench-scorer: install
 	$(BIN)/python benchmarks/bench_scorer.py --data $(DATA) --model $(SHARED)/models/scifact-minilm-l6-ce \
 	  --queries 20 --threads 2 --work .cache/bench
+
+# SciFact pipeline: HNSW vs exact first stage, nDCG@10 after reranking, per-stage search latency.
+bench-pipeline: install
+	$(BIN)/python benchmarks/bench_pipeline.py --data $(DATA) --reranker $(SHARED)/models/scifact-minilm-l6-ce \
+	  --threads 2 --work .cache/bench --seed 0
+
+# tailrank serve vs a sentence-transformers server under open-loop Poisson load (~30 min).
+bench-serve: install
+	$(BIN)/python benchmarks/bench_serve.py --data $(DATA) --model $(SHARED)/models/scifact-minilm-l6-ce \
+	  --threads 2 --seed 0
 
 clean:
 	rm -rf build $(VENV)
