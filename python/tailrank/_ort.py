@@ -183,7 +183,7 @@ def file_fingerprint(*paths: Path) -> str:
     return h.hexdigest()
 
 
-# --- additions for the Embedder (kept apart so CrossEncoder's own copies are untouched) ---------
+# --- text-model graph signatures (CrossEncoder and Embedder) ---------------------------------
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ORT_INT: dict[str, Any] = {"tensor(int64)": "int64", "tensor(int32)": "int32"}

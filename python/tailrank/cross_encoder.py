@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -14,7 +13,17 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._ort import default_max_length, file_fingerprint, find_onnx, load_session, position_limit, read_json, log
+from ._ort import (
+    ORT_FLOAT,
+    default_max_length,
+    file_fingerprint,
+    find_onnx,
+    load_session,
+    position_limit,
+    read_json,
+    text_inputs,
+)
+from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
 from ._validate import positive_int
 from .docstore import DocStore
 from .errors import ModelError
@@ -24,15 +33,8 @@ __all__ = ["CrossEncoder"]
 
 Activation = Literal["default", "none"]
 
-_KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_ORT_INT: dict[str, np.dtype[Any]] = {"tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
-_ORT_FLOAT: dict[str, np.dtype[Any]] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 # Documents per assembly: bounds the batcher's buffers whatever the size of one predict call.
 _DOCS_PER_ASSEMBLY = 2048
-# (batch_tokens, max_batch_size). On the CPU small batches cost nothing in matmul efficiency
-# (a MiniLM-L6 at 384 tokens ran as fast or faster at 1-2k tokens per batch than at 8-16k) and
-# pad less; the CUDA numbers are untuned guesses.
-_DEFAULTS = {"cpu": (2048, 64), "cuda": (65536, 256)}
 
 
 class _TokenCache:
@@ -76,42 +78,11 @@ class _TokenCache:
         return self._tokens
 
 
-class _Worker:
-    """One thread's batchers (one per row cap), IOBinding and logits buffer: nothing shared.
+class _Worker(BatchRunner["CrossEncoder"]):
+    """One thread's runner for a CrossEncoder (see BatchRunner), with its logits buffer."""
 
-    It holds no reference to its CrossEncoder (no cycle), so the model is freed promptly and its
-    workers' bindings go before its session (see CrossEncoder.__init__).
-    """
-
-    _MAX_BATCHERS = 4  # distinct per-call batch sizes kept; more are rebuilt on demand
-
-    def __init__(self, session: Any, out_dtype: np.dtype[Any]) -> None:
-        self.batchers: dict[int, PairBatcher] = {}
-        self.binding = session.io_binding()
-        self.out = np.empty(0, dtype=out_dtype)
-
-    def batcher(self, o: CrossEncoder, max_batch_size: int) -> PairBatcher:
-        b = self.batchers.get(max_batch_size)
-        if b is None:
-            if len(self.batchers) >= self._MAX_BATCHERS:
-                self.batchers.clear()
-            b = PairBatcher(
-                o._template,
-                max_length=o.max_length,
-                batch_tokens=o.batch_tokens,
-                max_batch_size=max_batch_size,
-                dtype=o._in_dtype,
-            )
-            if o.device == "cuda":  # UNTESTED on a GPU: stage inputs in pinned host memory
-                try:
-                    b.use_pinned_memory()
-                except RuntimeError as e:
-                    log.warning("tailrank: pinned host memory unavailable (%s); staging in pageable memory", e)
-            self.batchers[max_batch_size] = b
-            rows = min(max_batch_size, o.batch_tokens)
-            if self.out.size < rows * o.n_labels:
-                self.out = np.empty(rows * o.n_labels, dtype=o._out_dtype)
-        return b
+    def out_size(self, o: CrossEncoder, max_batch_size: int) -> int:
+        return min(max_batch_size, o.batch_tokens) * o.n_labels
 
     def run(
         self,
@@ -127,27 +98,7 @@ class _Worker:
         for batch in assembly.batches:
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            rows, seq = batch.input_ids.shape
-            feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            if o._has_types:
-                feeds["token_type_ids"] = batch.token_type_ids
-            for name, arr in feeds.items():
-                # Views into the batcher's buffers: contiguous, alive until its next assembly.
-                self.binding.bind_input(name, "cpu", 0, o._in_dtype, (rows, seq), arr.ctypes.data)
-            n_out = rows * o.n_labels
-            if o.device == "cuda":  # UNTESTED (no GPU where this was written): ORT copies to/from the device
-                self.binding.bind_output(o._out_name, "cuda")
-            else:
-                self.binding.bind_output(o._out_name, "cpu", 0, o._out_dtype, (rows, o.n_labels), self.out.ctypes.data)
-            try:
-                o._session.run_with_iobinding(self.binding)
-            except Exception as e:  # ORT's own exception types
-                raise ModelError(f"ONNX Runtime failed on a batch of shape ({rows}, {seq}): {e}") from e
-            if o.device == "cuda":
-                got = np.asarray(self.binding.copy_outputs_to_cpu()[0]).reshape(rows, o.n_labels)
-            else:
-                got = self.out[:n_out].reshape(rows, o.n_labels)
-            logits[batch.rows] = got
+            logits[batch.rows] = self.run_batch(o, batch, (batch.input_ids.shape[0], o.n_labels))
             if scored is not None:
                 scored[batch.rows] = True
 
@@ -221,51 +172,30 @@ class CrossEncoder:
             raise ModelError(f"cannot read the pair template from {tok_path}: {e}") from e
         self.vocab_size = _check_vocab(config, self._tokenizer, self._template, tok_path)
 
-        limit = position_limit(config)
-        if max_length is None:
-            self.max_length = default_max_length(config, tok_config)
-        else:
-            self.max_length = positive_int(max_length, "max_length")
-            if limit is not None and self.max_length > limit:
-                raise ValueError(f"max_length {self.max_length} exceeds the model's {limit} positions")
-        if self.max_length <= self._template.n_special:
-            raise ModelError(f"max_length {self.max_length} leaves no room for text after the special tokens")
+        self.max_length = resolve_max_length(
+            max_length, default_max_length(config, tok_config), position_limit(config), self._template.n_special
+        )
 
         self._session, self.device = load_session(onnx_path, device=device, threads=threads, spin=spin)
         self._read_signature(onnx_path)
         self.fingerprint = file_fingerprint(onnx_path, tok_path)
-        dflt_tokens, dflt_rows = _DEFAULTS[self.device]
-        self.max_batch_size = dflt_rows if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
-        self.batch_tokens = (
-            max(dflt_tokens, self.max_length) if batch_tokens is None else positive_int(batch_tokens, "batch_tokens")
+        self.batch_tokens, self.max_batch_size = resolve_batch_limits(
+            self.device, self.max_length, batch_tokens, max_batch_size
         )
-        if self.batch_tokens < self.max_length:
-            raise ValueError(f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length})")
         self._doc_cap = self.max_length - self._template.n_special + 1
         self._cache = _TokenCache(positive_int(cache_tokens, "cache_tokens", minimum=0))
         self._probe()
-        self._warm_up()
+        self._worker().warm_up(self, 1, self.n_labels)  # a one-token query with each document
 
     # --- loading -----------------------------------------------------------------------------
 
     def _read_signature(self, onnx_path: Path) -> None:
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        unknown = sorted(set(inputs) - set(_KNOWN_INPUTS))
-        if unknown:
-            raise ModelError(f"{onnx_path} has inputs {unknown}; a cross-encoder takes only {list(_KNOWN_INPUTS)}")
-        for required in ("input_ids", "attention_mask"):
-            if required not in inputs:
-                raise ModelError(f"{onnx_path} has no {required} input; not a text cross-encoder")
-        dtypes = {i.type for i in inputs.values()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in _ORT_INT:
-            raise ModelError(f"{onnx_path} inputs must all be int64 or all int32, got {sorted(dtypes)}")
-        self._in_dtype = _ORT_INT[next(iter(dtypes))]
-        self._has_types = "token_type_ids" in inputs
-        self.input_names = tuple(n for n in _KNOWN_INPUTS if n in inputs)
+        self.input_names, in_dtype = text_inputs(self._session, onnx_path, "cross-encoder")
+        self._in_dtype = np.dtype(in_dtype)
 
         outputs = self._session.get_outputs()
         out = next((o for o in outputs if o.name == "logits"), outputs[0])
-        if out.type not in _ORT_FLOAT:
+        if out.type not in ORT_FLOAT:
             raise ModelError(f"{onnx_path} output {out.name!r} is {out.type}; expected float logits")
         shape = list(out.shape)
         if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] not in (1, 2)):
@@ -273,20 +203,13 @@ class CrossEncoder:
                 f"{onnx_path} output {out.name!r} has shape {shape}; a cross-encoder returns logits [N, 1] or [N, 2]"
             )
         self._out_name = out.name
-        self._out_dtype = _ORT_FLOAT[out.type]
+        self._out_dtype = np.dtype(ORT_FLOAT[out.type])
         self.n_labels = shape[1] if isinstance(shape[1], int) else 0  # 0: known after the probe
 
     def _probe(self) -> None:
         """One plain inference: checks the logits really are [N, 1] or [N, 2]."""
         ids = [int(t) for k, t, _ in self._template.pieces if k == 0] or [self._template.pad_id]
-        feed = {}
-        for name in self.input_names:
-            arr = np.asarray([ids], dtype=self._in_dtype)
-            feed[name] = arr if name == "input_ids" else (np.ones_like(arr) if name == "attention_mask" else arr * 0)
-        try:
-            (got,) = self._session.run([self._out_name], feed)
-        except Exception as e:  # ORT's own exception types
-            raise ModelError(f"the model fails on a one-pair probe: {e}") from e
+        got = probe(self, ids, "one-pair")
         if got.ndim != 2 or got.shape[0] != 1 or got.shape[1] not in (1, 2):
             raise ModelError(
                 f"the model returned {self._out_name!r} of shape {list(got.shape)} for one pair; "
@@ -296,24 +219,8 @@ class CrossEncoder:
             raise ModelError(f"the model declares {self.n_labels} logits but returned {got.shape[1]}")
         self.n_labels = int(got.shape[1])
 
-    def _warm_up(self) -> None:
-        """Runs the largest batch and a few smaller shape buckets, so that the first request
-        finds ONNX Runtime's arena grown and kernels chosen."""
-        token = self._template.pad_id
-        body = self.max_length - self._template.n_special
-        worker = self._worker()
-        for length in sorted({body, min(body, 128), min(body, 32)}, reverse=True):
-            rows = min(self.max_batch_size, max(1, self.batch_tokens // self.max_length))
-            docs = [np.full(length - 1, token, dtype=np.int32)] * rows
-            assembly = worker.batcher(self, self.max_batch_size).assemble(np.full(1, token, np.int32), docs)
-            worker.run(self, assembly, np.empty((rows, self.n_labels), np.float32))
-
     def _worker(self) -> _Worker:
-        w: _Worker | None = getattr(self._local, "worker", None)
-        if w is None:
-            w = _Worker(self._session, self._out_dtype)
-            self._local.worker = w
-        return w
+        return _Worker.of_thread(self._local, self._session, self._out_dtype)
 
     # --- tokenization ------------------------------------------------------------------------
 

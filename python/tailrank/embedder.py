@@ -37,10 +37,11 @@ from ._ort import (
     read_json,
     text_inputs,
 )
+from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
 from ._validate import positive_int
 from .cross_encoder import _check_vocab, _load_tokenizer
 from .errors import ModelError
-from .pairs import Assembly, PairBatcher, PairTemplate, _find_processor, _pad_id, _tokenizer_json
+from .pairs import Assembly, PairTemplate, _find_processor, _pad_id, _tokenizer_json
 
 __all__ = [
     "Embedder",
@@ -55,9 +56,6 @@ __all__ = [
 _SPECIAL, _SEQ_A, _SEQ_B = 0, 1, 2
 # Texts per native assembly: bounds the batcher's buffers whatever the size of one encode call.
 _TEXTS_PER_ASSEMBLY = 2048
-# (batch_tokens, max_batch_size), as CrossEncoder's: small batches pad less and cost nothing in
-# matmul efficiency on the CPU; the CUDA numbers are untuned guesses.
-_DEFAULTS = {"cpu": (2048, 64), "cuda": (65536, 256)}
 _OUTPUT_NAMES = ("last_hidden_state", "token_embeddings")
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")
 # sentence-transformers' older pooling config: one boolean per mode, concatenated in this order.
@@ -261,64 +259,18 @@ def _l2_normalize(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 # --- the model ------------------------------------------------------------------------------
 
 
-class _Worker:
-    """One thread's batchers (one per row cap), IOBinding and token-embedding buffer: nothing
-    shared, and no reference to the Embedder (no cycle)."""
+class _Worker(BatchRunner["Embedder"]):
+    """One thread's runner for an Embedder (see BatchRunner), with its token-embedding buffer."""
 
-    _MAX_BATCHERS = 4  # distinct per-call batch sizes kept; more are rebuilt on demand
-
-    def __init__(self, session: Any) -> None:
-        self.batchers: dict[int, PairBatcher] = {}
-        self.binding = session.io_binding()
-        self.out = np.empty(0, dtype=np.float32)
-
-    def batcher(self, o: Embedder, max_batch_size: int) -> PairBatcher:
-        b = self.batchers.get(max_batch_size)
-        if b is None:
-            if len(self.batchers) >= self._MAX_BATCHERS:
-                self.batchers.clear()
-            b = PairBatcher(
-                o._template,
-                max_length=o.max_length,
-                truncation="longest_first",  # with an empty sequence A: the text alone is cut
-                batch_tokens=o.batch_tokens,
-                max_batch_size=max_batch_size,
-                dtype=o._in_dtype,
-            )
-            if o.device == "cuda":  # UNTESTED on a GPU: stage inputs in pinned host memory
-                try:
-                    b.use_pinned_memory()
-                except RuntimeError as e:
-                    log.warning("tailrank: pinned host memory unavailable (%s); staging in pageable memory", e)
-            self.batchers[max_batch_size] = b
+    def out_size(self, o: Embedder, max_batch_size: int) -> int:
         # rows x padded length never exceeds the token budget, so one buffer holds any batch.
-        if o.device == "cpu" and self.out.size < o.batch_tokens * o.hidden_size:
-            self.out = np.empty(o.batch_tokens * o.hidden_size, dtype=o._out_dtype)
-        return b
+        return o.batch_tokens * o.hidden_size if o.device == "cpu" else 0
 
     def run(self, o: Embedder, assembly: Assembly, out: npt.NDArray[np.float32]) -> None:
         """Embeds every batch of ``assembly`` into ``out`` [texts, dim] (input order)."""
-        hid = o.hidden_size
         for batch in assembly.batches:
             rows, seq = batch.input_ids.shape
-            feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            if "token_type_ids" in o.input_names:
-                feeds["token_type_ids"] = batch.token_type_ids
-            for name, arr in feeds.items():
-                # Views into the batcher's buffers: contiguous, alive until its next assembly.
-                self.binding.bind_input(name, "cpu", 0, o._in_dtype, (rows, seq), arr.ctypes.data)
-            if o.device == "cuda":  # UNTESTED (no GPU where this was written): ORT copies to/from the device
-                self.binding.bind_output(o._out_name, "cuda")
-            else:
-                self.binding.bind_output(o._out_name, "cpu", 0, o._out_dtype, (rows, seq, hid), self.out.ctypes.data)
-            try:
-                o._session.run_with_iobinding(self.binding)
-            except Exception as e:  # ORT's own exception types
-                raise ModelError(f"ONNX Runtime failed on a batch of shape ({rows}, {seq}): {e}") from e
-            if o.device == "cuda":
-                hidden = np.asarray(self.binding.copy_outputs_to_cpu()[0]).reshape(rows, seq, hid)
-            else:
-                hidden = self.out[: rows * seq * hid].reshape(rows, seq, hid)
+            hidden = self.run_batch(o, batch, (rows, seq, o.hidden_size))
             vecs = pool(hidden, batch.attention_mask, o._modes)
             out[batch.rows] = _l2_normalize(vecs) if o.normalize else vecs
 
@@ -404,33 +356,23 @@ class Embedder:
         _warn_prompts(self.model_dir)
 
         limit = position_limit(config)
-        if max_length is None:
-            if layout.max_seq_length is not None:
-                self.max_length = min(layout.max_seq_length, limit) if limit is not None else layout.max_seq_length
-            else:
-                self.max_length = default_max_length(config, tok_config)
+        if layout.max_seq_length is not None:
+            default = min(layout.max_seq_length, limit) if limit is not None else layout.max_seq_length
         else:
-            self.max_length = positive_int(max_length, "max_length")
-            if limit is not None and self.max_length > limit:
-                raise ValueError(f"max_length {self.max_length} exceeds the model's {limit} positions")
-        if self.max_length <= self._template.n_special:
-            raise ModelError(f"max_length {self.max_length} leaves no room for text after the special tokens")
+            default = default_max_length(config, tok_config)
+        self.max_length = resolve_max_length(max_length, default, limit, self._template.n_special)
 
         self._session, self.device = load_session(onnx_path, device=device, threads=threads)
-        self.input_names, in_dtype = text_inputs(self._session, onnx_path, "text encoder")
+        self.input_names, in_dtype = text_inputs(self._session, onnx_path, "bi-encoder")
         self._in_dtype = np.dtype(in_dtype)
         self._read_output(onnx_path)
-        dflt_tokens, dflt_rows = _DEFAULTS[self.device]
-        self.max_batch_size = dflt_rows if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
-        self.batch_tokens = (
-            max(dflt_tokens, self.max_length) if batch_tokens is None else positive_int(batch_tokens, "batch_tokens")
+        self.batch_tokens, self.max_batch_size = resolve_batch_limits(
+            self.device, self.max_length, batch_tokens, max_batch_size
         )
-        if self.batch_tokens < self.max_length:
-            raise ValueError(f"batch_tokens ({self.batch_tokens}) must be >= max_length ({self.max_length})")
         self._probe(layout.embedding_dimension)
         self.dim = len(self._modes) * self.hidden_size
         self.fingerprint = _fingerprint(onnx_path, tok_path, layout)
-        self._warm_up()
+        self._worker().warm_up(self, 0, self.dim)  # single texts: no query
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -458,14 +400,7 @@ class Embedder:
     def _probe(self, pooling_dim: int | None) -> None:
         """One plain inference: checks the token embeddings' shape against the pooling config."""
         ids = [t for k, t, _ in self._template.pieces if k == _SPECIAL] or [self._template.pad_id]
-        feed = {}
-        for name in self.input_names:
-            arr = np.asarray([ids], dtype=self._in_dtype)
-            feed[name] = arr if name == "input_ids" else (np.ones_like(arr) if name == "attention_mask" else arr * 0)
-        try:
-            (got,) = self._session.run([self._out_name], feed)
-        except Exception as e:  # ORT's own exception types
-            raise ModelError(f"the model fails on a one-text probe: {e}") from e
+        got = probe(self, ids, "one-text")
         if got.ndim != 3 or got.shape[:2] != (1, len(ids)):
             raise ModelError(
                 f"the model returned {self._out_name!r} of shape {list(got.shape)} for one text of {len(ids)} "
@@ -480,25 +415,8 @@ class Embedder:
                 f"{self.hidden_size}: the pooling config does not belong to this model"
             )
 
-    def _warm_up(self) -> None:
-        """Runs the largest batch and a few smaller shape buckets, so that the first request
-        finds ONNX Runtime's arena grown and kernels chosen."""
-        token = self._template.pad_id
-        body = self.max_length - self._template.n_special
-        worker = self._worker()
-        batcher = worker.batcher(self, self.max_batch_size)
-        for length in sorted({body, min(body, 128), min(body, 32)}, reverse=True):
-            rows = min(self.max_batch_size, max(1, self.batch_tokens // self.max_length))
-            texts = [np.full(length, token, dtype=np.int32)] * rows
-            assembly = batcher.assemble(np.zeros(0, np.int32), texts)
-            worker.run(self, assembly, np.empty((rows, len(self._modes) * self.hidden_size), np.float32))
-
     def _worker(self) -> _Worker:
-        w: _Worker | None = getattr(self._local, "worker", None)
-        if w is None:
-            w = _Worker(self._session)
-            self._local.worker = w
-        return w
+        return _Worker.of_thread(self._local, self._session, self._out_dtype)
 
     # --- encoding ----------------------------------------------------------------------------
 

@@ -107,41 +107,48 @@ def export(
         return _export_st(src, Path(out_dir), opset=opset, force=force, tolerance=tolerance)
     if not (src / "config.json").is_file():
         raise ModelError(f"{src} is not a Hugging Face model directory: config.json is missing")
+    wrapper, tokenizer, names = _load_wrapped(
+        "AutoModelForSequenceClassification", src, "logits", "text cross-encoder",
+        f"cannot load {src} as a transformers sequence-classification model",
+    )
+    max_length = min(128, default_max_length(wrapper.inner.config.to_dict(), {}))
+    sample = _encode(tokenizer, _TRACE_PAIRS, names, max_length)
+
+    checks = [_encode(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_PAIRS)]
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        _write_graph(tmp, wrapper, names, "logits", sample, checks, opset, tolerance, per_token=False)
+        _copy_tokenizer(tokenizer, src, src, tmp)
+    return Path(out_dir)
+
+
+def _load_wrapped(auto_class: str, path: Path, output: str, what: str, failure: str) -> tuple[Any, Any, tuple[str, ...]]:
+    """Loads the checkpoint at ``path`` with ``transformers.<auto_class>`` and its tokenizer.
+
+    Returns ``(wrapper, tokenizer, input_names)``: the wrapper (in eval mode, the model as its
+    ``inner``) takes the inputs positionally and returns the model's ``output`` tensor. Load errors
+    raise ModelError(``failure: error``); ``what`` names the kind of model in input errors.
+    """
     _check_extra()
     import torch
     import transformers
 
     try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+        model = getattr(transformers, auto_class).from_pretrained(path, attn_implementation="eager")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load {src} as a transformers sequence-classification model: {e}") from e
+        raise ModelError(f"{failure}: {e}") from e
     model.eval()
-    names = _input_names(model, tokenizer, "text cross-encoder")
+    names = _input_names(model, tokenizer, what)
 
-    class _Logits(torch.nn.Module):  # positional inputs in, a plain logits tensor out
+    class _Output(torch.nn.Module):  # positional inputs in, one plain tensor out
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, *args: Any) -> Any:
-            return self.inner(**dict(zip(names, args))).logits
+            return getattr(self.inner(**dict(zip(names, args))), output)
 
-    wrapper = _Logits(model).eval()  # the exporter restores the wrapper's mode: it must be eval
-    max_length = min(128, default_max_length(model.config.to_dict(), {}))
-    sample = _encode(tokenizer, _TRACE_PAIRS, names, max_length)
-
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        onnx_path = tmp / "onnx" / "model.onnx"
-        _trace(wrapper, names, sample, onnx_path, "logits", {0: "batch"}, opset)
-        _check_parity(
-            onnx_path, wrapper, names, "logits",
-            [_encode(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_PAIRS)],
-            tolerance, masked=False,
-        )
-        copy_model_files(src, tmp)
-        _ensure_tokenizer_json(tokenizer, src, tmp)
-    return Path(out_dir)
+    return _Output(model).eval(), tokenizer, names  # the exporter restores the wrapper's mode: it must be eval
 
 
 def _check_extra() -> None:
@@ -185,7 +192,23 @@ def _check_chunks(items: tuple[Any, ...]) -> list[list[Any]]:
     return [list(items), *([x] for x in items)]
 
 
-def _ensure_tokenizer_json(tokenizer: Any, src: Path, dst: Path) -> None:
+def _write_graph(
+    tmp: Path, wrapper: Any, names: tuple[str, ...], output: str, sample: dict[str, np.ndarray],
+    checks: list[dict[str, np.ndarray]], opset: int, tolerance: float, *, per_token: bool,
+) -> None:
+    """Traces ``wrapper`` on ``sample`` to ``tmp/onnx/model.onnx``, then checks the graph against
+    PyTorch on ``checks``. ``output`` is [batch, ...], or with ``per_token`` [batch, sequence, ...]
+    compared on real tokens only."""
+    onnx_path = tmp / "onnx" / "model.onnx"
+    axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+    _trace(wrapper, names, sample, onnx_path, output, axes, opset)
+    _check_parity(onnx_path, wrapper, names, output, checks, tolerance, masked=per_token)
+
+
+def _copy_tokenizer(tokenizer: Any, files: Path, src: Path, dst: Path) -> None:
+    """Copies the tokenizer and config files of ``files`` (the checkpoint ``src`` or its
+    transformer's directory) into ``dst``, converting a slow tokenizer to tokenizer.json."""
+    copy_model_files(files, dst)
     if (dst / "tokenizer.json").is_file():
         return
     # A checkpoint with only slow-tokenizer files: let transformers convert it.
@@ -202,40 +225,17 @@ def _export_st(src: Path, out_dir: Path, *, opset: int, force: bool, tolerance: 
     tdir = src / layout.transformer_path
     if not (tdir / "config.json").is_file():
         raise ModelError(f"the Transformer module of {src} has no config.json ({tdir})")
-    _check_extra()
-    import torch
-    import transformers
-
-    try:
-        model = transformers.AutoModel.from_pretrained(tdir, attn_implementation="eager")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tdir)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load the Transformer module of {src} with transformers.AutoModel: {e}") from e
-    model.eval()
-    names = _input_names(model, tokenizer, "text encoder")
-
-    class _Hidden(torch.nn.Module):  # positional inputs in, the token embeddings out
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: Any) -> Any:
-            return self.inner(**dict(zip(names, args))).last_hidden_state
-
-    wrapper = _Hidden(model).eval()
-    max_length = min(128, layout.max_seq_length or default_max_length(model.config.to_dict(), {}))
+    wrapper, tokenizer, names = _load_wrapped(
+        "AutoModel", tdir, "last_hidden_state", "text encoder",
+        f"cannot load the Transformer module of {src} with transformers.AutoModel",
+    )
+    max_length = min(128, layout.max_seq_length or default_max_length(wrapper.inner.config.to_dict(), {}))
     sample = _encode_texts(tokenizer, _TRACE_TEXTS, names, max_length)
 
+    checks = [_encode_texts(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_TEXTS)]
     with atomic_output_dir(out_dir, force=force) as tmp:
-        onnx_path = tmp / "onnx" / "model.onnx"
-        _trace(wrapper, names, sample, onnx_path, "last_hidden_state", {0: "batch", 1: "sequence"}, opset)
-        _check_parity(
-            onnx_path, wrapper, names, "last_hidden_state",
-            [_encode_texts(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_TEXTS)],
-            tolerance, masked=True,
-        )
-        copy_model_files(tdir, tmp)
-        _ensure_tokenizer_json(tokenizer, src, tmp)
+        _write_graph(tmp, wrapper, names, "last_hidden_state", sample, checks, opset, tolerance, per_token=True)
+        _copy_tokenizer(tokenizer, tdir, src, tmp)
         _copy_st_files(src, layout, tmp)
     return out_dir
 

@@ -69,8 +69,25 @@ async def run_open_loop_async(
     timeout_s: float = 120.0,
     client: Any = None,
 ) -> list[Record]:
-    """The coroutine behind :func:`run_open_loop`; ``client`` may be an ``httpx.AsyncClient``
-    (e.g. over an in-process ASGI transport), else one is made for the run."""
+    """Offers ``rate`` requests per second (Poisson) for ``duration_s`` seconds to ``url``; the
+    coroutine behind :func:`run_open_loop`.
+
+    Args:
+        url: Where to POST each body as JSON.
+        make_body: Request number -> JSON body (called for every request before the run).
+        rate: Mean arrivals per second.
+        duration_s: Length of the arrival schedule; the call returns when every sent request
+            has been answered (or has failed or timed out).
+        seed: Seeds the arrival times.
+        headers: Sent with every request (e.g. Authorization, X-Request-Timeout-Ms).
+        concurrency_limit: Requests in flight at most; an arrival beyond it is recorded unsent.
+        timeout_s: Per-request client timeout.
+        client: An ``httpx.AsyncClient`` to send with (e.g. over an in-process ASGI transport),
+            else one is made for the run.
+
+    Returns:
+        One :class:`Record` per scheduled arrival, in schedule order.
+    """
     import httpx
 
     times = arrival_times(rate, duration_s, seed)
@@ -116,39 +133,14 @@ async def run_open_loop_async(
     return [r for r in records if r is not None]
 
 
-def run_open_loop(
-    url: str,
-    make_body: Callable[[int], Any],
-    rate: float,
-    duration_s: float,
-    seed: int = 0,
-    *,
-    headers: Mapping[str, str] | None = None,
-    concurrency_limit: int = 1024,
-    timeout_s: float = 120.0,
-) -> list[Record]:
-    """Offers ``rate`` requests per second (Poisson) for ``duration_s`` seconds to ``url``.
-
-    Args:
-        url: Where to POST each body as JSON.
-        make_body: Request number -> JSON body (called for every request before the run).
-        rate: Mean arrivals per second.
-        duration_s: Length of the arrival schedule; the call returns when every sent request
-            has been answered (or has failed or timed out).
-        seed: Seeds the arrival times.
-        headers: Sent with every request (e.g. Authorization, X-Request-Timeout-Ms).
-        concurrency_limit: Requests in flight at most; an arrival beyond it is recorded unsent.
-        timeout_s: Per-request client timeout.
+def run_open_loop(*args: Any, **kwargs: Any) -> list[Record]:
+    """Offers ``rate`` requests per second (Poisson) for ``duration_s`` seconds to ``url``:
+    :func:`run_open_loop_async`, with the same arguments, run to completion in a fresh event loop.
 
     Returns:
         One :class:`Record` per scheduled arrival, in schedule order.
     """
-    return asyncio.run(
-        run_open_loop_async(
-            url, make_body, rate, duration_s, seed, headers=headers, concurrency_limit=concurrency_limit,
-            timeout_s=timeout_s,
-        )
-    )
+    return asyncio.run(run_open_loop_async(*args, **kwargs))
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
