@@ -59,6 +59,24 @@ void bind_index(py::module_& m) {
             return py::make_tuple(ids, scores);
           },
           py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("allow"), py::arg("threads"))
+      .def(
+          // The service hot path: one query, no filter, one thread, 1-D results.
+          "search_one",
+          [](const VectorIndex& self, const CArray<float>& query, size_t k, size_t ef) {
+            if (query.ndim() != 1 || size_t(query.shape(0)) != self.dim())
+              throw py::value_error("query must be one float32 vector of shape [" + std::to_string(self.dim()) + "]");
+            py::array_t<int64_t> ids(static_cast<py::ssize_t>(k));
+            py::array_t<float> scores(static_cast<py::ssize_t>(k));
+            SearchParams p{k, ef, nullptr, 1};
+            int64_t* out_ids = ids.mutable_data();
+            float* out_scores = scores.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.search(query.data(), 1, p, out_ids, out_scores);
+            }
+            return py::make_tuple(ids, scores);
+          },
+          py::arg("query"), py::arg("k"), py::arg("ef"))
       .def("__contains__", &VectorIndex::contains, py::arg("id"))
       .def("__len__", &VectorIndex::size)
       .def_property_readonly("capacity", &VectorIndex::capacity)

@@ -137,8 +137,7 @@ class VectorIndex:
             and (ef is None or (type(ef) is int and ef > 0))
         ):
             # Service hot path: one contiguous float32 query, checked in the core (GIL released).
-            ids, scores = compiled.search(queries.reshape(1, -1), k, ef or 0, None, 1)
-            return ids[0], scores[0]
+            return compiled.search_one(queries, k, ef or 0)
         mat, single = as_float_matrix(queries, self.dim, "queries")
         k = positive_int(k, "k", minimum=0)
         ids, scores = compiled.search(
