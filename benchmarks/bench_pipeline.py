@@ -15,7 +15,6 @@ the latency pass; ``--latency-only`` skips the quality passes (run it on a quiet
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -30,43 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
 
 from tailrank import Collection, CrossEncoder, Embedder  # noqa: E402
-from tailrank._beir import iter_corpus, load_qrels, load_queries  # noqa: E402
+from tailrank._beir import load_qrels, load_queries  # noqa: E402
 from tailrank._cli_collection import search_runs  # noqa: E402
 from tailrank.bench.machine import machine_info  # noqa: E402
 from tailrank.bench.measure import percentiles_ms  # noqa: E402
 from tailrank.bench.models import prepare_reranker  # noqa: E402
 from tailrank.bench.quality import evaluate  # noqa: E402
+from tailrank.bench.workload import corpus_file_hash, embed_corpus, load_corpus  # noqa: E402
 from tailrank.embedder import default_embedder_dir  # noqa: E402
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _corpus_file(data: Path) -> Path:
-    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
-        if (data / name).is_file():
-            return data / name
-    raise FileNotFoundError(f"no corpus in {data}")
-
-
-def corpus_embeddings(emb: Embedder, ids: list[str], texts: list[str], cache: Path) -> np.ndarray:
-    """The corpus embeddings, computed once and cached (atomic .npy)."""
-    if cache.is_file():
-        vecs = np.load(cache)
-        if vecs.shape == (len(texts), emb.dim):
-            return vecs
-    t = time.perf_counter()
-    vecs = np.concatenate([emb.encode(texts[s : s + 256]) for s in range(0, len(texts), 256)])
-    print(f"embedded {len(texts)} documents in {time.perf_counter() - t:.0f}s", flush=True)
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, vecs)
-    os.replace(tmp, cache)
-    return vecs
 
 
 def build_collection(path: Path, emb: Embedder, ce: CrossEncoder, ids: list[str], texts: list[str],
@@ -118,11 +88,12 @@ def main() -> int:
     ce_dir, _ = prepare_reranker(args.reranker, args.work)
     ce = CrossEncoder(ce_dir, threads=args.threads)
 
-    recs = list(iter_corpus(args.data))
-    ids = [str(r["_id"]) for r in recs]
-    texts = [((r.get("title") or "") + " " + (r.get("text") or "")).strip() for r in recs]
-    key = f"{emb.fingerprint[:12]}-{_sha(_corpus_file(args.data))[:12]}"
-    vecs = corpus_embeddings(emb, ids, texts, args.work / f"scifact-emb-{key}.npy")
+    corpus = load_corpus(args.data)
+    ids, texts = corpus.ids, corpus.texts
+    key = f"{emb.fingerprint[:12]}-{corpus_file_hash(args.data)[:12]}"
+    t = time.perf_counter()
+    vecs = embed_corpus(emb, corpus, args.work / f"scifact-emb-{key}.npy")
+    print(f"corpus embeddings ready in {time.perf_counter() - t:.0f}s (cached under --work)", flush=True)
     col = build_collection(args.work / f"scifact-col-{key}-{ce.fingerprint[:12]}", emb, ce, ids, texts, vecs)
 
     queries = load_queries(args.data)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ._beir import doc_text, read_jsonl, read_qrels
 from .errors import TailrankError
 
 _TEXT_FIELDS = ("_id", "title", "text")
@@ -64,23 +63,6 @@ def run(args: argparse.Namespace) -> int:
 # --- ingest ----------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a .jsonl or .jsonl.gz file; a malformed line is a ValueError naming it."""
-    p = Path(path)
-    opener: Any = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{p}:{n}: not JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}:{n}: expected a JSON object")
-            yield rec
-
-
 def beir_record(rec: dict[str, Any], where: str) -> tuple[str, str, dict[str, Any]]:
     """(id, text, metadata) of a BEIR corpus line: text is title and text; other fields metadata."""
     if "_id" not in rec or not isinstance(rec["_id"], (str, int)):
@@ -91,7 +73,7 @@ def beir_record(rec: dict[str, Any], where: str) -> tuple[str, str, dict[str, An
     meta = {k: v for k, v in rec.items() if k not in _TEXT_FIELDS}
     if title:
         meta["title"] = title
-    return str(rec["_id"]), (title + " " + text).strip() if title else text, meta
+    return str(rec["_id"]), doc_text(rec), meta
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -190,21 +172,6 @@ def format_hits(res: Any, width: int = 100) -> str:
 # --- eval ------------------------------------------------------------------------------------
 
 
-def _read_qrels(path: str) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3 or not parts[-1].lstrip("-").isdigit():
-                if n == 1:
-                    continue  # header
-                if not line.strip():
-                    continue
-                raise ValueError(f"{path}:{n}: expected query-id<TAB>corpus-id<TAB>score")
-            out.setdefault(parts[0], {})[parts[1]] = int(parts[-1])
-    return out
-
-
 def search_runs(
     col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict[str, float]]]:
@@ -248,7 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     queries: dict[str, str] = {}
     for rec in read_jsonl(args.queries):
         queries[str(rec["_id"])] = str(rec["text"])
-    qrels = _read_qrels(args.qrels)
+    qrels = read_qrels(args.qrels)
     if args.max_queries is not None:
         judged = [q for q in queries if q in qrels][: args.max_queries]
         queries = {q: queries[q] for q in judged}

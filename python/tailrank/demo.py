@@ -16,9 +16,8 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Any
 
-from ._beir import iter_corpus, load_qrels, load_queries
+from ._beir import doc_text, iter_corpus, load_qrels, load_queries
 from ._cli_collection import format_hits
 
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = list(itertools.islice(iter_corpus(args.data), args.docs))
     ids = [str(d["_id"]) for d in docs]
-    texts = [((d.get("title") or "") + " " + (d.get("text") or "")).strip() for d in docs]
+    texts = [doc_text(d) for d in docs]
     key = hashlib.sha256("\0".join(ids).encode() + emb.fingerprint.encode()
                          + (ce.fingerprint.encode() if ce else b"")).hexdigest()[:12]
     path = Path(args.cache) / "collections" / f"{Path(args.data).name}-{len(docs)}-{key}"
@@ -81,22 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reranker_dir(args: argparse.Namespace) -> str | None:
-    """The cross-encoder's model dir, exporting a Hugging Face checkpoint once when needed."""
-    src: Any = args.reranker
+    """The cross-encoder's model dir (a Hugging Face checkpoint is exported once into the cache)."""
+    from .bench.models import prepare_reranker
+
+    src = args.reranker
     if src is None:
         src = os.path.join(os.path.dirname(os.path.abspath(args.data.rstrip("/"))), "..", "models", "scifact-minilm-l6-ce")
         if not os.path.isdir(src):
             return None
-    src = os.path.normpath(src)
-    if any(os.path.exists(os.path.join(src, p)) for p in ("model.onnx", os.path.join("onnx", "model.onnx"))):
-        return str(src)
-    out = os.path.join(args.cache, "models", os.path.basename(src))
-    if not os.path.exists(os.path.join(out, "onnx", "model.onnx")):
-        from .export import export
-
-        print(f"exporting {src} to ONNX once (cached in {out}) ...")
-        export(src, out, force=True)
-    return out
+    onnx_dir, _ = prepare_reranker(os.path.normpath(src), os.path.join(args.cache, "models"))
+    return str(onnx_dir)
 
 
 if __name__ == "__main__":

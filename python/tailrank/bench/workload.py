@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._beir import iter_corpus, load_qrels, load_queries
+from .._beir import corpus_path, doc_text, iter_corpus, load_qrels, load_queries
 from .._ort import file_fingerprint
 from .measure import Request
 
@@ -55,7 +55,7 @@ def load_corpus(data: str | os.PathLike[str]) -> Corpus:
     ids, texts = [], []
     for d in iter_corpus(data):
         ids.append(str(d["_id"]))
-        texts.append((d.get("title", "") + " " + d.get("text", "")).strip())
+        texts.append(doc_text(d))
     return Corpus(ids, texts)
 
 
@@ -119,11 +119,7 @@ def random_workload(
 
 def corpus_file_hash(data: str | os.PathLike[str]) -> str:
     """sha256 (16 hex digits) of the corpus file of a BEIR folder."""
-    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
-        p = Path(data) / name
-        if p.is_file():
-            return file_fingerprint(p)[:16]
-    raise FileNotFoundError(f"no corpus.jsonl or corpus.jsonl.gz in {data}")
+    return file_fingerprint(Path(corpus_path(data)))[:16]
 
 
 def embed_corpus(embedder: Any, corpus: Corpus, cache_file: Path | None) -> np.ndarray:
