@@ -7,12 +7,17 @@ import json
 import logging
 import math
 import os
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ModelError
 
 log = logging.getLogger("tailrank")
+
+_T = TypeVar("_T")
 
 # Model types whose position ids start at pad_token_id + 1 (fairseq heritage): the usable length
 # is max_position_embeddings - pad_token_id - 1.
@@ -154,15 +159,60 @@ def _preload_cuda(ort: Any) -> None:
         log.debug("tailrank: onnxruntime.preload_dlls failed: %s", e)
 
 
+def lower_thread_priority(steps: int) -> bool:
+    """Adds ``steps`` to the calling thread's nice value, up to 19. Linux schedules threads, not
+    processes: only this thread and the threads it creates from now on run at the lower priority.
+    An unprivileged thread cannot raise its priority again. Returns whether it took effect (False
+    for ``steps <= 0``, on other systems, or where the system refuses)."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as e:
+        log.debug("tailrank: cannot lower the priority of thread %d: %s", tid, e)
+        return False
+    return True
+
+
+def call_with_lower_priority(fn: Callable[[], _T], steps: int) -> _T:
+    """Runs ``fn`` on a short-lived thread whose nice value is ``steps`` higher and returns its
+    result (or raises its exception). Threads that ``fn`` starts inherit that priority: that is how
+    ONNX Runtime's intra-op pool, created with the session, ends up below a server's event loop."""
+    if steps <= 0:
+        return fn()
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        lower_thread_priority(steps)
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="tailrank-session-init")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]  # type: ignore[no-any-return]
+
+
 def load_session(
-    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True
+    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True, nice: int = 0
 ) -> tuple[Any, str]:
-    """An InferenceSession for the ONNX graph at ``path``; invalid graphs raise ModelError."""
+    """An InferenceSession for the ONNX graph at ``path``; invalid graphs raise ModelError.
+
+    ``nice > 0`` creates the session on a thread of lower priority, so that ONNX Runtime's own
+    intra-op threads (started with the session) run ``nice`` steps below the caller (Linux)."""
     import onnxruntime as ort
 
     providers, used = choose_providers(device)
+    so = session_options(threads, spin=spin)
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spin=spin), providers=providers)
+        session = call_with_lower_priority(
+            lambda: ort.InferenceSession(str(path), sess_options=so, providers=providers), nice
+        )
     except Exception as e:  # ORT's exceptions are its own pybind types (InvalidGraph, Fail, ...)
         raise ModelError(f"ONNX Runtime cannot load {path}: {e}") from e
     if used == "cuda" and "CUDAExecutionProvider" not in session.get_providers():

@@ -131,6 +131,10 @@ class CrossEncoder:
         cache_tokens: Capacity of the document token cache, in tokens.
         spin: Let idle ONNX Runtime threads busy-wait for work (lowest latency for a dedicated
             process); False for servers, where spinning threads starve the event loop.
+        nice: Run ONNX Runtime's intra-op threads this many nice steps below the thread that
+            builds the model (Linux; 0 leaves them alone). ``tailrank serve`` uses 10 so that its
+            event loop, sharing the CPUs, answers (and refuses) requests while a batch is scored.
+            The thread that calls :meth:`predict` runs its own share at its own priority.
 
     Raises:
         ModelError: Missing or invalid files, a graph that is not a cross-encoder (logits not
@@ -149,6 +153,7 @@ class CrossEncoder:
         threads: int | None = None,
         cache_tokens: int = 1 << 22,
         spin: bool = True,
+        nice: int = 0,
     ) -> None:
         if activation not in ("default", "none"):
             raise ValueError(f'activation must be "default" or "none", got {activation!r}')
@@ -176,7 +181,9 @@ class CrossEncoder:
             max_length, default_max_length(config, tok_config), position_limit(config), self._template.n_special
         )
 
-        self._session, self.device = load_session(onnx_path, device=device, threads=threads, spin=spin)
+        self._session, self.device = load_session(
+            onnx_path, device=device, threads=threads, spin=spin, nice=positive_int(nice, "nice", minimum=0)
+        )
         self._read_signature(onnx_path)
         self.fingerprint = file_fingerprint(onnx_path, tok_path)
         self.batch_tokens, self.max_batch_size = resolve_batch_limits(

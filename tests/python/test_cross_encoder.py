@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -293,6 +294,35 @@ def test_repr_and_properties(bert):
     assert ce.device == "cpu" and ce.n_labels == 1
     assert ce.input_names == ("input_ids", "attention_mask", "token_type_ids")
     assert "max_length=64" in repr(ce)
+
+
+def _threads_at_nice(nice: int) -> set[int]:
+    """Native ids of this process's threads whose nice value is ``nice`` (from /proc)."""
+    out = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
+        if int(fields[16]) == nice:  # field 19 of proc(5): nice
+            out.add(int(task.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_nice_puts_onnx_runtime_threads_below_the_caller(bert):
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lowered = min(19, me + 5)
+    before = _threads_at_nice(lowered)
+    ce = CrossEncoder(bert[1], threads=2, nice=5)
+    new = _threads_at_nice(lowered) - before
+    assert new, "ONNX Runtime's intra-op thread should run 5 nice steps lower"
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me  # the caller is untouched
+    pairs = [("cell growth", "the cell grows"), ("risk", "a risk factor for disease in adults")] * 8
+    np.testing.assert_array_equal(ce.predict(pairs), CrossEncoder(bert[1], threads=2).predict(pairs))
+    with pytest.raises(ValueError, match="nice"):
+        CrossEncoder(bert[1], threads=1, nice=-1)
 
 
 def test_cuda_request_without_cuda_falls_back_with_one_log_line(bert, caplog):

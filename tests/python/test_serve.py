@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -308,6 +310,21 @@ def test_overload_rejects_fast_and_admitted_requests_succeed(ce: CrossEncoder) -
     assert max(r.latency_s for r in ok) * 1000 < deadline_ms + 200, stats
     text = app.state.tailrank.metrics.render().decode()
     assert 'tailrank_rejections_total{reason="deadline"}' in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_scoring_runs_below_the_event_loop(ce: CrossEncoder) -> None:
+    """The scheduler thread lowers its own priority; the loop (the caller here) keeps its own."""
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    app = create_app(ce, scoring_nice=4)
+    with client(app) as c:
+        thread = app.state.tailrank.scheduler._thread
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, me + 4)
+        assert c.post("/rerank", json={"query": "risk", "texts": ["a risk", "none"]}).status_code == 200
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
+    app = create_app(ce, scoring_nice=0)
+    with client(app):
+        assert os.getpriority(os.PRIO_PROCESS, app.state.tailrank.scheduler._thread.native_id) == me
 
 
 def test_failing_batch_fails_exactly_its_requests(ce: CrossEncoder) -> None:

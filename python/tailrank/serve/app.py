@@ -28,6 +28,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from .._ort import lower_thread_priority
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .scheduler import BatchFailed, Job, JobResult, Rejected, Reranker, Scheduler
 from .schemas import (
@@ -53,6 +54,9 @@ Send = Callable[[Message], Awaitable[None]]
 _RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 _PUBLIC_PATHS = frozenset({"/health"})
 _MAX_DEADLINE_MS = 600_000.0
+# Nice steps of the scoring threads below the event loop: while they hold every CPU, the loop
+# still gets one at once to read, admit or refuse a request (a 429 in milliseconds, not after a batch).
+SCORING_NICE = 10
 # Characters per token before any request has been tokenized (English WordPiece is ~4-5).
 _CHARS_PER_TOKEN = 4.0
 # Tokenizer speed (characters/s) before any request has been measured.
@@ -445,6 +449,7 @@ def create_app(
     tokenize_threads: int = 1,
     threads: int | None = None,
     round_hook: Callable[[list[Job]], None] | None = None,
+    scoring_nice: int = SCORING_NICE,
 ) -> FastAPI:
     """Builds the server's ASGI app.
 
@@ -464,11 +469,15 @@ def create_app(
         tokenize_threads: Threads tokenizing requests (the tokenizer itself may use more).
         threads: ONNX Runtime threads when ``reranker`` is a directory.
         round_hook: Called on the scheduler thread with each round's jobs (for tests).
+        scoring_nice: Nice steps of the scoring threads below the event loop (Linux): the
+            scheduler thread's, and ONNX Runtime's intra-op threads' when ``reranker`` is a
+            directory (build a ``CrossEncoder`` with ``nice=`` for the same). While both CPUs
+            score, the loop still parses, admits and refuses requests at once. 0 turns it off.
     """
     from ..cross_encoder import CrossEncoder
 
     if isinstance(reranker, (str, os.PathLike)):
-        reranker = CrossEncoder(reranker, threads=threads, spin=False)
+        reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice)
     model: Reranker = reranker
     limits = limits or Limits()
     if not (0 < float(default_deadline_ms) <= _MAX_DEADLINE_MS):
@@ -481,9 +490,12 @@ def create_app(
         max_batch_tokens = max(int(getattr(model, "batch_tokens", model.max_length)), model.max_length)
     metrics = ServeMetrics()
     scheduler = Scheduler(model, max_batch_tokens=max_batch_tokens, max_queue_pairs=limits.max_queue_pairs,
-                          metrics=metrics, round_hook=round_hook)
+                          metrics=metrics, round_hook=round_hook, nice=scoring_nice)
     name = model_name or os.path.basename(str(getattr(model, "model_dir", "tailrank")).rstrip("/")) or "tailrank"
-    tokenize_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tailrank-tokenize")
+    # Tokenizing sits between the loop (first) and scoring (last): admitted requests' tokens are
+    # ready before a round needs them, and a refusal never waits behind them.
+    tokenize_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tailrank-tokenize",
+                                       initializer=lower_thread_priority, initargs=((scoring_nice + 1) // 2,))
     server = _Server(model, scheduler, metrics, limits, float(default_deadline_ms), auto_truncate, name,
                      tokenize_pool, collection)
 
