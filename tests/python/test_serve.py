@@ -305,6 +305,9 @@ def test_overload_rejects_fast_and_admitted_requests_succeed(ce: CrossEncoder) -
     assert stats["offered"] > 60 and set(stats["status_counts"]) <= {"200", "429"}, stats
     assert stats["rejected"] > stats["offered"] // 2, stats
     assert stats["reject_p99_ms"] < 250, stats  # refused at once, never queued
+    # Every answer says how long the server itself took (Server-Timing), within what the client saw.
+    assert all(r.server_s is not None and 0 < r.server_s <= r.latency_s for r in records if r.status), stats
+    assert stats["reject_server_p99_ms"] <= stats["reject_p99_ms"] + 1e-9, stats
     ok = [r for r in records if r.status == 200]
     assert len(ok) >= 3 and sum(not r.degraded for r in ok) >= 3, stats
     assert max(r.latency_s for r in ok) * 1000 < deadline_ms + 200, stats
@@ -546,3 +549,12 @@ def test_loadgen_schedule_is_seeded_poisson() -> None:
     gaps = np.diff(a)
     assert gaps.mean() == pytest.approx(1 / 200, rel=0.1) and gaps.std() == pytest.approx(1 / 200, rel=0.15)
     assert not np.array_equal(a[:50], arrival_times(200, 5, seed=4)[:50])
+
+
+def test_loadgen_reads_server_timing() -> None:
+    from tailrank.serve.loadgen import _server_seconds
+
+    assert _server_seconds("app;dur=1.5") == pytest.approx(0.0015)
+    assert _server_seconds('app;dur=1.5, db;desc="x";dur=2') == pytest.approx(0.0035)
+    assert _server_seconds("app") is None and _server_seconds("app;dur=abc") is None
+    assert _server_seconds(None) is None and _server_seconds("") is None

@@ -145,10 +145,15 @@ class _Gate:
             return
         path = scope["path"] if scope["path"] in self.paths else "other"
         status = {"code": 500}
+        t0 = time.perf_counter()
 
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
+                # Server-Timing: the server's own time (from the request's arrival at the app to
+                # its response), so clients can tell it from the network and their own queueing.
+                timing = (b"server-timing", f"app;dur={(time.perf_counter() - t0) * 1000:.3f}".encode())
+                message = {**message, "headers": [*message.get("headers", []), timing]}
             await send(message)
 
         try:
