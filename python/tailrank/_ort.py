@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 from .errors import ModelError
 
@@ -159,14 +159,46 @@ def _preload_cuda(ort: Any) -> None:
         log.debug("tailrank: onnxruntime.preload_dlls failed: %s", e)
 
 
-def lower_thread_priority(steps: int) -> bool:
-    """Adds ``steps`` to the calling thread's nice value, up to 19. Linux schedules threads, not
-    processes: only this thread and the threads it creates from now on run at the lower priority.
-    An unprivileged thread cannot raise its priority again. Returns whether it took effect (False
-    for ``steps <= 0``, on other systems, or where the system refuses)."""
-    if steps <= 0 or not sys.platform.startswith("linux"):
+Priority = Union[int, Literal["idle"]]
+
+
+def check_priority(value: Any, name: str = "nice") -> Priority:
+    """A thread priority below the caller's: nice steps (an int in [0, 19]) or ``"idle"``."""
+    if value == "idle":
+        return "idle"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise ValueError(f'{name} must be an int in [0, 19] (nice steps) or "idle", got {value!r}')
+    return value
+
+
+def lowers_priority(priority: Priority) -> bool:
+    return priority == "idle" or int(priority) > 0
+
+
+def lower_thread_priority(steps: Priority) -> bool:
+    """Lowers the calling thread's priority: ``steps`` (an int) adds to its nice value, up to 19;
+    ``"idle"`` moves it to Linux's SCHED_IDLE class, below every nice value. Linux schedules
+    threads, not processes: only this thread and the threads it creates from now on run at the
+    lower priority. An unprivileged thread cannot raise its priority again.
+
+    Why "idle" exists: a nice value lowers a thread's share of the CPU, but a thread that wakes
+    while every CPU runs niced work may still wait for the running thread's time slice (event-loop
+    wake-ups 2-8 ms late were measured here with the scorer at nice 10); a waking thread of the
+    normal class preempts a SCHED_IDLE one at once. SCHED_IDLE threads run only on CPU time no
+    normal thread wants, so other busy processes on the machine starve them.
+
+    Returns whether it took effect (False for ``0``, on other systems, or where the system refuses).
+    """
+    if not lowers_priority(steps) or not sys.platform.startswith("linux"):
         return False
     tid = threading.get_native_id()
+    if steps == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            return True
+        except (AttributeError, OSError) as e:
+            log.debug("tailrank: cannot move thread %d to SCHED_IDLE (%s); lowering its nice value", tid, e)
+            steps = 19
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
     except OSError as e:
@@ -175,11 +207,12 @@ def lower_thread_priority(steps: int) -> bool:
     return True
 
 
-def call_with_lower_priority(fn: Callable[[], _T], steps: int) -> _T:
-    """Runs ``fn`` on a short-lived thread whose nice value is ``steps`` higher and returns its
-    result (or raises its exception). Threads that ``fn`` starts inherit that priority: that is how
-    ONNX Runtime's intra-op pool, created with the session, ends up below a server's event loop."""
-    if steps <= 0:
+def call_with_lower_priority(fn: Callable[[], _T], steps: Priority) -> _T:
+    """Runs ``fn`` on a short-lived thread of priority lowered by ``steps`` (see
+    :func:`lower_thread_priority`) and returns its result (or raises its exception). Threads that
+    ``fn`` starts inherit that priority: that is how ONNX Runtime's intra-op pool, created with the
+    session, ends up below a server's event loop."""
+    if not lowers_priority(steps):
         return fn()
     out: dict[str, Any] = {}
 
@@ -199,12 +232,12 @@ def call_with_lower_priority(fn: Callable[[], _T], steps: int) -> _T:
 
 
 def load_session(
-    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True, nice: int = 0
+    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True, nice: Priority = 0
 ) -> tuple[Any, str]:
     """An InferenceSession for the ONNX graph at ``path``; invalid graphs raise ModelError.
 
-    ``nice > 0`` creates the session on a thread of lower priority, so that ONNX Runtime's own
-    intra-op threads (started with the session) run ``nice`` steps below the caller (Linux)."""
+    ``nice`` (nice steps > 0, or ``"idle"``) creates the session on a thread of lower priority, so
+    that ONNX Runtime's own intra-op threads (started with the session) run below the caller (Linux)."""
     import onnxruntime as ort
 
     providers, used = choose_providers(device)

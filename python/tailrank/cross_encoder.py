@@ -15,6 +15,8 @@ import numpy.typing as npt
 
 from ._ort import (
     ORT_FLOAT,
+    Priority,
+    check_priority,
     default_max_length,
     file_fingerprint,
     find_onnx,
@@ -132,8 +134,9 @@ class CrossEncoder:
         spin: Let idle ONNX Runtime threads busy-wait for work (lowest latency for a dedicated
             process); False for servers, where spinning threads starve the event loop.
         nice: Run ONNX Runtime's intra-op threads this many nice steps below the thread that
-            builds the model (Linux; 0 leaves them alone). ``tailrank serve`` uses 10 so that its
-            event loop, sharing the CPUs, answers (and refuses) requests while a batch is scored.
+            builds the model, or ``"idle"`` for Linux's SCHED_IDLE class, below every nice value
+            (Linux; 0 leaves them alone). ``tailrank serve`` uses ``"idle"`` so that its event
+            loop, sharing the CPUs, answers (and refuses) requests at once while a batch is scored.
             The thread that calls :meth:`predict` runs its own share at its own priority.
 
     Raises:
@@ -153,7 +156,7 @@ class CrossEncoder:
         threads: int | None = None,
         cache_tokens: int = 1 << 22,
         spin: bool = True,
-        nice: int = 0,
+        nice: Priority = 0,
     ) -> None:
         if activation not in ("default", "none"):
             raise ValueError(f'activation must be "default" or "none", got {activation!r}')
@@ -182,7 +185,7 @@ class CrossEncoder:
         )
 
         self._session, self.device = load_session(
-            onnx_path, device=device, threads=threads, spin=spin, nice=positive_int(nice, "nice", minimum=0)
+            onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice)
         )
         self._read_signature(onnx_path)
         self.fingerprint = file_fingerprint(onnx_path, tok_path)

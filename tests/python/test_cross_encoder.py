@@ -325,6 +325,30 @@ def test_nice_puts_onnx_runtime_threads_below_the_caller(bert):
         CrossEncoder(bert[1], threads=1, nice=-1)
 
 
+def _idle_class_threads() -> set[int]:
+    out = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if os.sched_getscheduler(int(task.name)) == os.SCHED_IDLE:
+                out.add(int(task.name))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_idle_priority_puts_onnx_runtime_threads_in_the_idle_class(bert):
+    before = _idle_class_threads()
+    ce = CrossEncoder(bert[1], threads=2, nice="idle")
+    assert _idle_class_threads() - before, "ONNX Runtime's intra-op thread should be SCHED_IDLE"
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller is untouched
+    pairs = [("cell growth", "the cell grows"), ("risk", "a risk factor for disease in adults")] * 8
+    np.testing.assert_array_equal(ce.predict(pairs), CrossEncoder(bert[1], threads=2).predict(pairs))
+    for bad in ("lowest", 20, 1.5):
+        with pytest.raises(ValueError, match="nice"):
+            CrossEncoder(bert[1], threads=1, nice=bad)
+
+
 def test_cuda_request_without_cuda_falls_back_with_one_log_line(bert, caplog):
     import onnxruntime as ort
 

@@ -178,16 +178,15 @@ def test_tei_truncation(ce: CrossEncoder) -> None:
         assert r.json()["results"][0]["relevance_score"] == pytest.approx(ranked(ce, "q", ["cells cells cells"])[0][1], abs=1e-5)
 
 
-def test_cohere_sdk_round_trip(ce: CrossEncoder) -> None:
-    cohere = pytest.importorskip("cohere")
+@contextlib.contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on a free 127.0.0.1 port (in a thread); yields its base URL."""
     import uvicorn
 
-    docs = texts(3, 6)
-    want = ranked(ce, "protein binding", docs)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(ce, api_key=KEY), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -195,7 +194,18 @@ def test_cohere_sdk_round_trip(ce: CrossEncoder) -> None:
         while not server.started:  # another thread's start-up: nothing to block on
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.01)
-        base = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_cohere_sdk_round_trip(ce: CrossEncoder) -> None:
+    cohere = pytest.importorskip("cohere")
+
+    docs = texts(3, 6)
+    want = ranked(ce, "protein binding", docs)
+    with live_server(create_app(ce, api_key=KEY)) as base:
         with httpx.Client() as http:  # closed here: the SDK leaves its own clients' sockets open
             v2 = cohere.ClientV2(api_key=KEY, base_url=base, httpx_client=http).rerank(
                 model="m", query="protein binding", documents=docs, top_n=3
@@ -211,9 +221,6 @@ def test_cohere_sdk_round_trip(ce: CrossEncoder) -> None:
                 cohere.ClientV2(api_key="wrong", base_url=base, httpx_client=http).rerank(
                     model="m", query="q", documents=["a"]
                 )
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 # --- security, limits, bad input -------------------------------------------------------------
@@ -313,6 +320,27 @@ def test_overload_rejects_fast_and_admitted_requests_succeed(ce: CrossEncoder) -
     assert max(r.latency_s for r in ok) * 1000 < deadline_ms + 200, stats
     text = app.state.tailrank.metrics.render().decode()
     assert 'tailrank_rejections_total{reason="deadline"}' in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: CrossEncoder) -> None:
+    me = os.sched_getscheduler(0)
+    interval = sys.getswitchinterval()
+    app = create_app(ce)
+    with client(app) as c:
+        assert os.sched_getscheduler(app.state.tailrank.scheduler._thread.native_id) == os.SCHED_IDLE
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        r = c.post("/rerank", json={"query": "risk", "texts": ["a risk", "none"]})
+        assert r.status_code == 200 and len(r.json()) == 2
+    assert os.sched_getscheduler(0) == me  # the loop (the caller here) keeps its class
+    assert sys.getswitchinterval() == interval  # restored at shutdown
+    with client(create_app(ce, gil_switch_interval_s=None)):
+        assert sys.getswitchinterval() == interval
+    for bad in ("low", -1, 20, 2.5, True):
+        with pytest.raises(ValueError, match="scoring_nice"):
+            create_app(ce, scoring_nice=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gil_switch_interval_s"):
+        create_app(ce, gil_switch_interval_s=0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
@@ -549,6 +577,61 @@ def test_loadgen_schedule_is_seeded_poisson() -> None:
     gaps = np.diff(a)
     assert gaps.mean() == pytest.approx(1 / 200, rel=0.1) and gaps.std() == pytest.approx(1 / 200, rel=0.15)
     assert not np.array_equal(a[:50], arrival_times(200, 5, seed=4)[:50])
+
+
+def test_loadgen_raw_client_against_uvicorn(ce: CrossEncoder) -> None:
+    """The load generator's own HTTP client, over real sockets: statuses, Server-Timing, keep-alive."""
+    docs = texts(5, 4)
+    with live_server(create_app(ce)) as base:
+        records = asyncio.run(run_open_loop_async(
+            base + "/rerank", lambda n: {"query": "risk", "texts": docs}, rate=40, duration_s=0.5, seed=2,
+        ))
+    assert len(records) > 8 and all(r.status == 200 and r.error is None for r in records), records
+    assert all(r.server_s is not None and 0 < r.server_s <= r.latency_s for r in records)
+    assert all(0 <= r.late_s <= r.latency_s for r in records)
+    stats = summarize(records, duration_s=0.5)
+    assert stats["send_late_p50_ms"] is not None and stats["ok"] == len(records)
+
+
+def test_raw_client_reads_chunked_bodies_and_reconnects() -> None:
+    """Chunked and Content-Length bodies; a kept-alive connection the server closed meanwhile (as
+    uvicorn does after its keep-alive timeout) is replaced, not reported as a failure."""
+    from tailrank.serve.loadgen import RawHttpClient
+
+    requests_seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        requests_seen.append(await reader.readexactly(length))
+        if len(requests_seen) == 1:
+            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\nRetry-After: 1\r\n\r\n"
+                         b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer-Timing: app;dur=0.5\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # without "Connection: close": the client must notice on its next request
+
+    async def go() -> list[tuple[int, dict[str, str], bytes]]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = RawHttpClient(f"http://127.0.0.1:{port}/rerank", timeout_s=10)
+        try:
+            first = await c.post(b'{"a": 1}', {"Content-Type": "application/json"})
+            await asyncio.sleep(0.05)  # the server has closed that connection by now
+            second = await c.post(b"[2]", {})
+            return [first, second]
+        finally:
+            await c.aclose()
+            server.close()
+            await server.wait_closed()
+
+    first, second = asyncio.run(go())
+    assert first[0] == 429 and first[1]["retry-after"] == "1" and first[2] == b"abcde"
+    assert second == (200, {"content-length": "2", "server-timing": "app;dur=0.5"}, b"ok")
+    assert requests_seen == [b'{"a": 1}', b"[2]"]
+    with pytest.raises(ValueError, match="http://"):
+        RawHttpClient("https://example.invalid/x")
 
 
 def test_loadgen_reads_server_timing() -> None:

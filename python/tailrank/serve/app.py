@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -28,7 +29,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .._ort import lower_thread_priority
+from .._ort import Priority, check_priority, lower_thread_priority
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .scheduler import BatchFailed, Job, JobResult, Rejected, Reranker, Scheduler
 from .schemas import (
@@ -54,13 +55,24 @@ Send = Callable[[Message], Awaitable[None]]
 _RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 _PUBLIC_PATHS = frozenset({"/health"})
 _MAX_DEADLINE_MS = 600_000.0
-# Nice steps of the scoring threads below the event loop: while they hold every CPU, the loop
-# still gets one at once to read, admit or refuse a request (a 429 in milliseconds, not after a batch).
-SCORING_NICE = 10
+# Priority of the scoring threads below the event loop: while they hold every CPU, the loop
+# still gets one at once to read, admit or refuse a request (a 429 in milliseconds, not after a
+# batch). SCHED_IDLE rather than a nice value: a loop woken while niced threads hold both CPUs
+# waited for their time slice (2-8 ms), and a waking normal thread preempts an idle-class one at once.
+SCORING_NICE: Priority = "idle"
+# How often (seconds) a thread holding the GIL is asked to let a waiting one run. Python's default
+# is 5 ms: the loop waited that long for the GIL behind the tokenizing thread's Python work.
+GIL_SWITCH_INTERVAL_S = 0.0005
 # Characters per token before any request has been tokenized (English WordPiece is ~4-5).
 _CHARS_PER_TOKEN = 4.0
 # Tokenizer speed (characters/s) before any request has been measured.
 _CHARS_PER_SECOND = 2e6
+
+
+def _tokenize_nice(scoring: Priority) -> int:
+    """The tokenizing thread sits between the loop and scoring: 5 nice steps below the loop when
+    scoring is idle-class, else half of scoring's steps."""
+    return 5 if scoring == "idle" else (int(scoring) + 1) // 2
 
 
 @dataclass(frozen=True)
@@ -454,7 +466,8 @@ def create_app(
     tokenize_threads: int = 1,
     threads: int | None = None,
     round_hook: Callable[[list[Job]], None] | None = None,
-    scoring_nice: int = SCORING_NICE,
+    scoring_nice: Priority = SCORING_NICE,
+    gil_switch_interval_s: float | None = GIL_SWITCH_INTERVAL_S,
 ) -> FastAPI:
     """Builds the server's ASGI app.
 
@@ -474,16 +487,23 @@ def create_app(
         tokenize_threads: Threads tokenizing requests (the tokenizer itself may use more).
         threads: ONNX Runtime threads when ``reranker`` is a directory.
         round_hook: Called on the scheduler thread with each round's jobs (for tests).
-        scoring_nice: Nice steps of the scoring threads below the event loop (Linux): the
-            scheduler thread's, and ONNX Runtime's intra-op threads' when ``reranker`` is a
-            directory (build a ``CrossEncoder`` with ``nice=`` for the same). While both CPUs
-            score, the loop still parses, admits and refuses requests at once. 0 turns it off.
+        scoring_nice: Priority of the scoring threads below the event loop (Linux): ``"idle"``
+            (SCHED_IDLE, the default) or nice steps; the scheduler thread's, and ONNX Runtime's
+            intra-op threads' when ``reranker`` is a directory (build a ``CrossEncoder`` with
+            ``nice=`` for the same). While every CPU scores, the loop still parses, admits and
+            refuses requests at once. 0 turns it off; the tokenizing thread then keeps its priority.
+        gil_switch_interval_s: ``sys.setswitchinterval`` while the app runs (restored at
+            shutdown): how long the loop may wait for the GIL behind another thread's Python
+            code. None leaves the process's setting.
     """
     from ..cross_encoder import CrossEncoder
 
     if isinstance(reranker, (str, os.PathLike)):
         reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice)
     model: Reranker = reranker
+    scoring_nice = check_priority(scoring_nice, "scoring_nice")
+    if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
+        raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
     limits = limits or Limits()
     if not (0 < float(default_deadline_ms) <= _MAX_DEADLINE_MS):
         raise ValueError(f"default_deadline_ms must be in (0, {_MAX_DEADLINE_MS:.0f}], got {default_deadline_ms}")
@@ -500,18 +520,23 @@ def create_app(
     # Tokenizing sits between the loop (first) and scoring (last): admitted requests' tokens are
     # ready before a round needs them, and a refusal never waits behind them.
     tokenize_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tailrank-tokenize",
-                                       initializer=lower_thread_priority, initargs=((scoring_nice + 1) // 2,))
+                                       initializer=lower_thread_priority,
+                                       initargs=(_tokenize_nice(scoring_nice),))
     server = _Server(model, scheduler, metrics, limits, float(default_deadline_ms), auto_truncate, name,
                      tokenize_pool, collection)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        switch_interval = sys.getswitchinterval()
+        if gil_switch_interval_s is not None:
+            sys.setswitchinterval(gil_switch_interval_s)
         scheduler.start()
         if collection is not None:
             server.search_pool = ThreadPoolExecutor(search_threads, thread_name_prefix="tailrank-search")
         try:
             yield
         finally:
+            sys.setswitchinterval(switch_interval)
             await run_in_threadpool(scheduler.close)
             tokenize_pool.shutdown(wait=True, cancel_futures=True)
             if server.search_pool is not None:

@@ -45,9 +45,10 @@ def add_parser(sub: Any) -> None:
                    help="TEI requests without `truncate` get 413 for pairs over max_length instead of truncation")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the CPU quota)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    s.add_argument("--scoring-nice", type=int, default=None,
-                   help="nice steps of the scoring threads below the HTTP event loop, so that requests are "
-                   "admitted or refused at once while every CPU scores (Linux; default 10, 0 turns it off)")
+    s.add_argument("--scoring-nice", default=None,
+                   help="priority of the scoring threads below the HTTP event loop, so that requests are "
+                   "admitted or refused at once while every CPU scores (Linux): idle (SCHED_IDLE, the "
+                   "default) or nice steps 0-19 (0 turns it off)")
     s.add_argument("--model-name", default=None, help="name echoed in responses (default: the model dir's name)")
     for flag, _, help_ in _LIMIT_FLAGS:
         s.add_argument(flag, type=int, default=None, help=help_)
@@ -57,6 +58,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .._ort import check_priority
     from ..cross_encoder import CrossEncoder
     from .app import SCORING_NICE, Limits, create_app
 
@@ -66,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
               "it may use it (set --api-key or TAILRANK_API_KEY)", file=sys.stderr)
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _ in _LIMIT_FLAGS}
     limits = Limits(**{k: v for k, v in overrides.items() if v is not None})
-    nice = SCORING_NICE if args.scoring_nice is None else args.scoring_nice
-    if not 0 <= nice <= 19:
-        print(f"tailrank serve: --scoring-nice must be in [0, 19], got {nice}", file=sys.stderr)
+    raw = args.scoring_nice
+    try:
+        nice = check_priority(SCORING_NICE if raw is None else "idle" if raw == "idle" else int(raw))
+    except ValueError:
+        print(f"tailrank serve: --scoring-nice must be idle or an int in [0, 19], got {raw}", file=sys.stderr)
         return 2
     model = CrossEncoder(args.reranker, threads=args.threads, device=args.device, spin=False, nice=nice)
     app = create_app(

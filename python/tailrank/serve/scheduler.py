@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .._ort import lower_thread_priority
+from .._ort import Priority, check_priority, lower_thread_priority
 from .metrics import ServeMetrics
 
 __all__ = ["Reranker", "Job", "JobResult", "Rejected", "BatchFailed", "Scheduler"]
@@ -164,7 +164,8 @@ class Scheduler:
         round_hook: Called on the scheduler thread with the jobs of each round before it runs
             (tests use it to observe and to hold rounds).
         nice: The scheduler thread (which runs its share of each batch) lowers its own priority
-            by this many nice steps (Linux), below the event loop that admits and refuses requests.
+            by this many nice steps, or to SCHED_IDLE with ``"idle"`` (Linux), below the event
+            loop that admits and refuses requests.
     """
 
     def __init__(
@@ -175,7 +176,7 @@ class Scheduler:
         max_queue_pairs: int,
         metrics: ServeMetrics,
         round_hook: Callable[[list[Job]], None] | None = None,
-        nice: int = 0,
+        nice: Priority = 0,
     ) -> None:
         if max_batch_tokens < model.max_length:
             raise ValueError(
@@ -186,7 +187,7 @@ class Scheduler:
         self.max_queue_pairs = int(max_queue_pairs)
         self.metrics = metrics
         self.round_hook = round_hook
-        self.nice = int(nice)
+        self.nice = check_priority(nice)
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
