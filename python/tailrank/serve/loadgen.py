@@ -273,6 +273,7 @@ def summarize(records: Sequence[Record], *, duration_s: float, deadline_ms: floa
     rejected = [r for r in records if r.status == 429]
     lat = [r.latency_s * 1000 for r in ok]
     rej = [r.latency_s * 1000 for r in rejected]
+    rej_sent = [(r.latency_s - r.late_s) * 1000 for r in rejected]
     rej_server = [r.server_s * 1000 for r in rejected if r.server_s is not None]
     late = [r.late_s * 1000 for r in records if r.status]
     statuses: dict[str, int] = {}
@@ -297,6 +298,9 @@ def summarize(records: Sequence[Record], *, duration_s: float, deadline_ms: floa
         "reject_server_p50_ms": _pct(rej_server, 50),
         "reject_server_p99_ms": _pct(rej_server, 99),
         "reject_max_ms": max(rej) if rej else None,
+        # The same 429s timed from when the client actually sent them (without its own lateness).
+        "reject_sent_p50_ms": _pct(rej_sent, 50),
+        "reject_sent_p99_ms": _pct(rej_sent, 99),
         # How late the client itself sent (included in every latency above).
         "send_late_p50_ms": _pct(late, 50),
         "send_late_p99_ms": _pct(late, 99),
