@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-py stubtest bench bench-scorer bench-pipeline bench-serve clean
+.PHONY: venv install demo test test-cpp test-asan test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: venv
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
-test: install test-cpp test-asan stubtest test-py
+test: install test-cpp test-asan stubtest test-py test-openvino
 
 test-cpp: venv
 	scripts/ensure_system_deps.sh
@@ -50,6 +50,24 @@ stubtest: install
 test-py: install
 	TAILRANK_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q tests/python
 
+# The OpenVINO execution provider ships in the onnxruntime-openvino wheel, which replaces
+# onnxruntime (same module): its own venv, where the tests named "openvino" run (fp32 fidelity
+# against transformers on every model family, optimize --bf16). Re-installed on each run, since
+# reinstalling the package brings onnxruntime back over the same files.
+VENV_OV := .venv-openvino
+OPENVINO_ORT ?= onnxruntime-openvino>=1.24,<2
+$(VENV_OV)/bin/python:
+	$(PY) -m venv $(VENV_OV)
+	$(VENV_OV)/bin/pip install -q --upgrade pip
+
+test-openvino: $(VENV_OV)/bin/python
+	$(VENV_OV)/bin/pip install -q "torch==2.13.0"
+	$(VENV_OV)/bin/pip install -q ".[test,export]"
+	$(VENV_OV)/bin/pip uninstall -q -y onnxruntime
+	$(VENV_OV)/bin/pip install -q --force-reinstall --no-deps "$(OPENVINO_ORT)"
+	$(VENV_OV)/bin/python -c "import onnxruntime as o; assert 'OpenVINOExecutionProvider' in o.get_available_providers(), o.get_available_providers()"
+	TAILRANK_SHARED=$(abspath $(SHARED)) $(VENV_OV)/bin/python -m pytest -q tests/python/test_cross_encoder.py tests/python/test_export.py -k openvino
+
 bench: install
 	$(BIN)/python benchmarks/run_all.py --data $(DATA)
 
@@ -69,4 +87,4 @@ bench-serve: install
 	  --threads 2 --seed 0
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(VENV_OV)

@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -56,6 +57,17 @@ from tailrank.bench.workload import random_workload  # noqa: E402
 
 DEFAULT_MODEL = str(Path(DEFAULT_DATA).parent.parent / "models" / "scifact-minilm-l6-ce")
 PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-bf16": "bf16"}
+# Systems on ONNX Runtime's OpenVINO provider: the onnxruntime-openvino wheel replaces onnxruntime,
+# so unless this process has it they run in a worker process of --openvino-python (same workload,
+# threads and timing code), e.g. the .venv-openvino that `make test-openvino` builds.
+OPENVINO_SYSTEMS = ("tailrank-ov-fp32", "tailrank-bf16")
+DEFAULT_OPENVINO_PYTHON = Path(__file__).resolve().parent.parent / ".venv-openvino" / "bin" / "python"
+
+
+def _has_openvino() -> bool:
+    import onnxruntime as ort
+
+    return "OpenVINOExecutionProvider" in ort.get_available_providers()
 
 
 def add_arguments(p: argparse.ArgumentParser | Any) -> None:
@@ -66,15 +78,71 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--systems",
-        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-bf16,"
-        "st-fp32,st-bf16,ort-plain,flashrank",
+        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-ov-fp32,"
+        "tailrank-bf16,st-fp32,st-bf16,ort-plain,flashrank",
     )
+    p.add_argument("--openvino-python", default=str(DEFAULT_OPENVINO_PYTHON),
+                   help="a Python with onnxruntime-openvino for the OpenVINO systems (default: .venv-openvino)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help="directory for exported models (default: a temp dir)")
 
 
 def load_workload(data: str, n_queries: int, n_candidates: int, seed: int) -> list[Request]:
     """The first ``n_queries`` test claims, each against a fresh seeded sample of the corpus."""
     return random_workload(data, n_queries, n_candidates, seed).requests
+
+
+def _fidelity_samples(args: argparse.Namespace) -> list[Request]:
+    """Held-out claims (not the timed ones) for the optimize gate."""
+    return load_workload(args.data, args.queries + 30, 50, args.seed + 1)[args.queries :]
+
+
+def _openvino_factory(name: str, fp32_dir: Path, work: Path, args: argparse.Namespace
+                      ) -> tuple[Callable[[], Scorer] | None, dict[str, Any] | None]:
+    """The factory of an OpenVINO system in this process (and, for bf16, its optimize report)."""
+    if name == "tailrank-ov-fp32":
+        return (lambda: peers.TailrankDocStore(fp32_dir, args.threads, device="openvino")), None
+    out, rep = prepare_precision(fp32_dir, work, "bf16", samples=_fidelity_samples(args), threads=args.threads)
+    if out is None or not rep.get("passed", True):
+        return None, rep | ({} if out is None else {"skipped": "below the fidelity thresholds"})
+    return (lambda: peers.TailrankDocStore(out, args.threads, device="openvino")), rep
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """--worker NAME: times one OpenVINO system on the suite's workload; writes --worker-out JSON."""
+    work = Path(args.work)
+    workload = load_workload(args.data, args.queries, args.candidates, args.seed)
+    fp32_dir, _ = prepare_reranker(args.model, work)
+    factory, rep = _openvino_factory(args.worker, fp32_dir, work, args)
+    out: dict[str, Any] = {"optimize": rep}
+    if factory is None:
+        out["skipped"] = (rep or {}).get("skipped", "not available")
+    else:
+        lat_ns, scores = peers.time_system(factory, workload, warmup=2, repeats=args.repeats)
+        out.update(lat_ns=lat_ns, scores=[s.tolist() for s in scores])
+    Path(args.worker_out).write_text(json.dumps(out))
+    return 0
+
+
+class _Skipped(Exception):
+    def __init__(self, reason: str, report: dict[str, Any] | None) -> None:
+        super().__init__(reason)
+        self.report = report
+
+
+def _in_worker(name: str, work: Path, args: argparse.Namespace) -> tuple[list[int], list[np.ndarray], dict[str, Any] | None]:
+    """Runs ``--worker name`` under --openvino-python; returns (latencies, scores, optimize report)."""
+    out_path = work / f"{name}.worker.json"
+    cmd = [args.openvino_python, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out_path),
+           "--data", args.data, "--model", args.model, "--queries", str(args.queries), "--candidates",
+           str(args.candidates), "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed",
+           str(args.seed), "--work", str(work)]
+    subprocess.run(cmd, check=True)
+    got = json.loads(out_path.read_text())
+    if "skipped" in got:
+        raise _Skipped(got["skipped"], got.get("optimize"))
+    return got["lat_ns"], [np.asarray(s, dtype=np.float32) for s in got["scores"]], got.get("optimize")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,11 +153,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = load_workload(args.data, args.queries, args.candidates, args.seed)
 
     fp32_dir, _ = prepare_reranker(args.model, work)
-    # fidelity sample: held-out claims (not the timed ones)
-    samples = load_workload(args.data, args.queries + 30, 50, args.seed + 1)[args.queries :]
+    samples = _fidelity_samples(args)
     fidelity: dict[str, Any] = {}
     model_dirs = {"fp32": fp32_dir}
-    for prec in ("opt-fp32", "int8", "bf16"):
+    for prec in ("opt-fp32", "int8"):
         if f"tailrank-{prec}" not in args.systems:
             continue
         out, rep = prepare_precision(fp32_dir, work, prec, samples=samples, threads=args.threads)
@@ -111,13 +178,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ort-plain": lambda: peers.ort_plain_system(fp32_dir, args.threads, max_length),
         "flashrank": lambda: peers.flashrank_system(fp32_dir, args.threads, max_length, work / "flashrank"),
     }
-    for prec in ("opt-fp32", "int8", "bf16"):
+    for prec in ("opt-fp32", "int8"):
         if prec in model_dirs:
             factories[f"tailrank-{prec}"] = (lambda p: lambda: peers.TailrankDocStore(model_dirs[p], args.threads))(prec)
+    here = _has_openvino()
+    for name in OPENVINO_SYSTEMS:
+        if name in args.systems and here:
+            factory, rep = _openvino_factory(name, fp32_dir, work, args)
+            if rep is not None:
+                fidelity[name.removeprefix("tailrank-")] = rep
+            if factory is not None:
+                factories[name] = factory
 
     results: dict[str, Any] = {}
     scores_of: dict[str, list[np.ndarray]] = {}
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        if name in OPENVINO_SYSTEMS and not here:
+            if not Path(args.openvino_python).is_file():
+                results[name] = {"skipped": f"needs onnxruntime-openvino: no {args.openvino_python} "
+                                 "(make test-openvino builds .venv-openvino)"}
+                continue
+            try:
+                lat_ns, scores_of[name], rep = _in_worker(name, work, args)
+            except _Skipped as e:
+                results[name] = {"skipped": str(e)}
+                rep = e.report
+            except subprocess.CalledProcessError as e:
+                results[name] = {"skipped": f"the OpenVINO worker failed ({e})"}
+                rep = None
+            else:
+                results[name] = _timing(name, lat_ns, flops, rates, args)
+            if rep is not None:
+                fidelity[name.removeprefix("tailrank-")] = rep
+            continue
         if name not in factories:
             results[name] = {"skipped": fidelity.get(name.removeprefix("tailrank-"), {}).get("skipped", "not available")}
             continue
@@ -131,19 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise
             results[name] = {"skipped": f"{type(e).__name__}: {e}"}
             continue
-        stats = percentiles_ms(lat_ns)
-        prec = PRECISION_OF.get(name, "fp32")
-        floor_s = float(np.median(flops)) / floor_rate(rates, prec)[0]
-        results[name] = {
-            "latency_ms": stats,
-            "requests": len(lat_ns),
-            "pairs_per_s": args.candidates * len(lat_ns) / (sum(lat_ns) / 1e9),
-            "precision": prec,
-            "floor_ms": floor_s * 1e3,
-            "ratio_to_floor": stats["p50"] / 1e3 / floor_s,
-            "raw_ns": lat_ns,
-        }
-        print(f"[scorer] {name}: p50 {stats['p50']:.1f} ms p99 {stats['p99']:.1f} ms", file=sys.stderr)
+        results[name] = _timing(name, lat_ns, flops, rates, args)
         gc.collect()
 
     ref = scores_of.get("tailrank-fp32-docstore") or scores_of.get("st-fp32")
@@ -164,6 +245,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_gflops": {k: v / 1e9 for k, v in rates.items()},
         "optimize_fidelity": fidelity,
         "systems": results,
+    }
+
+
+def _timing(name: str, lat_ns: list[int], flops: list[float], rates: dict[str, float],
+            args: argparse.Namespace) -> dict[str, Any]:
+    stats = percentiles_ms(lat_ns)
+    prec = PRECISION_OF.get(name, "fp32")
+    floor_s = float(np.median(flops)) / floor_rate(rates, prec)[0]
+    print(f"[scorer] {name}: p50 {stats['p50']:.1f} ms p99 {stats['p99']:.1f} ms", file=sys.stderr)
+    return {
+        "latency_ms": stats,
+        "requests": len(lat_ns),
+        "pairs_per_s": args.candidates * len(lat_ns) / (sum(lat_ns) / 1e9),
+        "precision": prec,
+        "floor_ms": floor_s * 1e3,
+        "ratio_to_floor": stats["p50"] / 1e3 / floor_s,
+        "raw_ns": lat_ns,
     }
 
 
@@ -214,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT)
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
     res = run(args)
     md = markdown(res)
     write_json(Path(args.out) / "scorer.json", res)

@@ -21,7 +21,8 @@ def add_parser(sub: Any) -> None:
     prec = o.add_mutually_exclusive_group()
     prec.add_argument("--int8", action="store_true", help="8-bit weights (MatMulNBits, blockwise) with int8 compute; attention QKV kept fp32")
     prec.add_argument("--fp16", action="store_true", help="float16 weights and compute (float32 inputs/outputs)")
-    prec.add_argument("--bf16", action="store_true", help="bfloat16 (refused where ONNX Runtime cannot run it)")
+    prec.add_argument("--bf16", action="store_true", help="bfloat16 matmuls on ONNX Runtime's OpenVINO provider (needs onnxruntime-openvino; "
+                      "CPUs with AVX512-BF16 or AMX)")
     o.add_argument("--force", action="store_true", help="write even below the fidelity thresholds; replace out_dir")
     o.add_argument("--sample-pairs", metavar="JSONL", help='lines of {"query": str, "documents": [str, ...]}')
     o.add_argument("--min-tau", type=float, default=0.95, help="least mean Kendall tau per query (default 0.95)")

@@ -124,13 +124,31 @@ def session_options(threads: int | None, *, spin: bool = True) -> Any:
     return so
 
 
-def choose_providers(device: str) -> tuple[list[Any], str]:
-    """Execution providers for ``device`` ("auto", "cpu", "cuda") and the device actually used."""
+DEVICES = ("auto", "cpu", "cuda", "openvino")
+# Inference precisions a model directory may ask of the OpenVINO provider (``tailrank.json``).
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+RUNTIME_FILE = "tailrank.json"
+
+
+def choose_providers(device: str, *, threads: int | None = None, precision: str = "fp32") -> tuple[list[Any], str]:
+    """Execution providers for ``device`` ("auto", "cpu", "cuda", "openvino") and the device
+    actually used. ``precision`` is the OpenVINO provider's inference precision ("fp32" or
+    "bf16": bf16 matmuls over the fp32 graph, on CPUs with AVX512-BF16 or AMX)."""
     import onnxruntime as ort
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f'device must be "auto", "cpu" or "cuda", got {device!r}')
+    if device not in DEVICES:
+        raise ValueError(f'device must be "auto", "cpu", "cuda" or "openvino", got {device!r}')
     if device == "cpu":
+        return ["CPUExecutionProvider"], "cpu"
+    if device == "openvino":
+        if "OpenVINOExecutionProvider" in ort.get_available_providers():
+            # Explicit f32 too: OpenVINO's CPU default is bf16 on AMX machines.
+            props = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+                     "INFERENCE_NUM_THREADS": str(threads if threads is not None else cpu_quota())}
+            return [("OpenVINOExecutionProvider", {"device_type": "CPU", "load_config": json.dumps({"CPU": props})}),
+                    "CPUExecutionProvider"], "openvino"
+        log.warning("tailrank: OpenVINO is not available to onnxruntime (install onnxruntime-openvino in place of "
+                    "onnxruntime); scoring in fp32 on the CPU provider")
         return ["CPUExecutionProvider"], "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():
         _preload_cuda(ort)
@@ -231,8 +249,23 @@ def call_with_lower_priority(fn: Callable[[], _T], steps: Priority) -> _T:
     return out["value"]  # type: ignore[no-any-return]
 
 
+def read_runtime(model_dir: Path) -> dict[str, Any]:
+    """The model directory's run-time settings (``tailrank.json``, written by ``tailrank optimize
+    --bf16``): ``device`` and ``precision``; ``{}`` without the file."""
+    path = model_dir / RUNTIME_FILE
+    if not path.is_file():
+        return {}
+    cfg = read_json(path, RUNTIME_FILE)
+    device, precision = cfg.get("device", "auto"), cfg.get("precision", "fp32")
+    if device not in DEVICES or precision not in OPENVINO_PRECISIONS:
+        raise ModelError(f"{path}: device must be one of {list(DEVICES)} and precision one of "
+                         f"{sorted(OPENVINO_PRECISIONS)}, got {device!r} and {precision!r}")
+    return {"device": device, "precision": precision}
+
+
 def load_session(
-    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True, nice: Priority = 0
+    path: Path, *, device: str = "cpu", threads: int | None = None, spin: bool = True, nice: Priority = 0,
+    precision: str = "fp32",
 ) -> tuple[Any, str]:
     """An InferenceSession for the ONNX graph at ``path``; invalid graphs raise ModelError.
 
@@ -240,7 +273,7 @@ def load_session(
     that ONNX Runtime's own intra-op threads (started with the session) run below the caller (Linux)."""
     import onnxruntime as ort
 
-    providers, used = choose_providers(device)
+    providers, used = choose_providers(device, threads=threads, precision=precision)
     so = session_options(threads, spin=spin)
     try:
         session = call_with_lower_priority(
@@ -250,6 +283,9 @@ def load_session(
         raise ModelError(f"ONNX Runtime cannot load {path}: {e}") from e
     if used == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("tailrank: the CUDA execution provider failed to initialise; scoring on the CPU")
+        used = "cpu"
+    if used == "openvino" and "OpenVINOExecutionProvider" not in session.get_providers():
+        log.warning("tailrank: the OpenVINO execution provider failed to initialise; scoring in fp32 on the CPU")
         used = "cpu"
     return session, used
 

@@ -21,7 +21,7 @@ __all__ = ["BatchRunner", "RunnerModel", "probe", "resolve_max_length", "resolve
 # (batch_tokens, max_batch_size). On the CPU small batches cost nothing in matmul efficiency
 # (a MiniLM-L6 at 384 tokens ran as fast or faster at 1-2k tokens per batch than at 8-16k) and
 # pad less; the CUDA numbers are untuned guesses.
-_DEFAULTS = {"cpu": (2048, 64), "cuda": (65536, 256)}
+_DEFAULTS = {"cpu": (2048, 64), "openvino": (2048, 64), "cuda": (65536, 256)}
 
 
 def resolve_max_length(max_length: int | None, default: int, limit: int | None, n_special: int) -> int:
@@ -54,7 +54,7 @@ def resolve_batch_limits(
 class RunnerModel(Protocol):
     """What a runner reads from its model, passed to each call (the runner keeps no reference)."""
 
-    device: str  # "cpu" or "cuda"
+    device: str  # "cpu", "openvino" (host memory too) or "cuda"
     max_length: int
     batch_tokens: int
     max_batch_size: int

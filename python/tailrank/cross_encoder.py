@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from ._ort import (
     ORT_FLOAT,
+    RUNTIME_FILE,
     Priority,
     check_priority,
     default_max_length,
@@ -23,6 +24,7 @@ from ._ort import (
     load_session,
     position_limit,
     read_json,
+    read_runtime,
     text_inputs,
 )
 from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
@@ -116,8 +118,11 @@ class CrossEncoder:
     Args:
         model_dir: A model directory: config.json, tokenizer.json (and its other tokenizer files)
             and the ONNX graph at ``onnx/model.onnx`` or ``model.onnx`` (see ``tailrank export``).
-        device: ``"auto"`` (CUDA when onnxruntime-gpu sees a GPU, else the CPU), ``"cpu"`` or
-            ``"cuda"`` (falls back to the CPU with a warning).
+        device: ``"auto"`` (what the model directory's ``tailrank.json`` asks for, else CUDA when
+            onnxruntime-gpu sees a GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"openvino"``
+            (the OpenVINO execution provider of the ``onnxruntime-openvino`` wheel, on the CPU:
+            fp32, or bf16 for a directory made by ``tailrank optimize --bf16``). A device that is
+            not available falls back to the CPU provider in fp32 with a warning.
         max_length: Longest pair in tokens, special tokens included. Default: the tokenizer's
             ``model_max_length`` capped by the model's position embeddings.
         batch_tokens: Budget per batch, rows x padded length (default on the CPU: 2048, or
@@ -184,11 +189,20 @@ class CrossEncoder:
             max_length, default_max_length(config, tok_config), position_limit(config), self._template.n_special
         )
 
+        runtime = read_runtime(self.model_dir)
+        if device == "auto" and runtime.get("device", "auto") != "auto":
+            device = runtime["device"]
         self._session, self.device = load_session(
-            onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice)
+            onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice),
+            precision=runtime.get("precision", "fp32"),
         )
+        #: The OpenVINO provider's inference precision ("fp32" or "bf16"); None on other
+        #: devices, where the graph's own types rule.
+        self.inference_precision: str | None = runtime.get("precision", "fp32") if self.device == "openvino" else None
         self._read_signature(onnx_path)
-        self.fingerprint = file_fingerprint(onnx_path, tok_path)
+        # The run-time settings change the scores (bf16 matmuls), so they are part of the identity.
+        runtime_file = self.model_dir / RUNTIME_FILE
+        self.fingerprint = file_fingerprint(onnx_path, tok_path, *([runtime_file] if runtime_file.is_file() else []))
         self.batch_tokens, self.max_batch_size = resolve_batch_limits(
             self.device, self.max_length, batch_tokens, max_batch_size
         )

@@ -362,6 +362,8 @@ class Embedder:
             default = default_max_length(config, tok_config)
         self.max_length = resolve_max_length(max_length, default, limit, self._template.n_special)
 
+        if device == "openvino":  # its runner sizes host buffers for "cpu" alone; parity is checked there
+            raise ValueError('Embedder runs on device "auto", "cpu" or "cuda"')
         self._session, self.device = load_session(onnx_path, device=device, threads=threads)
         self.input_names, in_dtype = text_inputs(self._session, onnx_path, "bi-encoder")
         self._in_dtype = np.dtype(in_dtype)

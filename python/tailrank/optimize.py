@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._ort import find_onnx, read_json
+from ._ort import RUNTIME_FILE, find_onnx, read_json
 from .errors import ModelError
 from .export import atomic_output_dir, copy_model_files
 
@@ -53,8 +54,9 @@ def optimize(
         out_dir: The directory to create: ``onnx/model.onnx``, the tokenizer and config files and
             ``fidelity.json``. Written atomically; nothing is written when refused.
         precision: ``"fp32"`` (fusions only), ``"int8"`` (int8 weights per block, MatMulNBits),
-            ``"fp16"`` (float32 inputs and outputs kept) or ``"bf16"`` (refused where ONNX Runtime
-            has no bfloat16 kernels, as on its CPU provider).
+            ``"fp16"`` (float32 inputs and outputs kept) or ``"bf16"`` (the fp32 graph with a
+            ``tailrank.json`` that runs it on the OpenVINO execution provider with bf16 matmuls;
+            refused without onnxruntime-openvino, as ONNX Runtime's CPU provider has no bf16 kernels).
         force: Write even below the thresholds (and replace an existing ``out_dir``).
         sample_pairs: JSONL path of ``{"query": ..., "documents": [...]}`` lines, or a list of
             ``(query, documents)``; default: pairs generated from the tokenizer's vocabulary.
@@ -74,9 +76,25 @@ def optimize(
     src_dir = Path(model_dir)
     src = find_onnx(src_dir)
     config = read_json(src_dir / "config.json", "config.json")
-    if precision == "bf16":
+    if precision == "bf16" and not _openvino_available():
         raise ModelError(_bf16_refusal())
     samples = _load_samples(sample_pairs, src_dir)
+
+    if precision == "bf16":
+        # The fp32 graph as it is (OpenVINO fuses it itself; ORT's contrib fusions are not its
+        # ops) and a run-time setting that asks OpenVINO for bf16 matmuls.
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            (tmp / "onnx").mkdir()
+            shutil.copy2(src, tmp / "onnx" / "model.onnx")
+            copy_model_files(src_dir, tmp)
+            (tmp / RUNTIME_FILE).write_text(json.dumps({"device": "openvino", "precision": "bf16"}) + "\n",
+                                            encoding="utf-8")
+            report = fidelity(src_dir, tmp, samples, threads=threads, candidate_device="openvino")
+            report.update(precision=precision, runtime={"device": "openvino", "precision": "bf16"},
+                          thresholds={"kendall_tau": min_tau, "top1_kept": min_top1})
+            _gate(report, precision, min_tau, min_top1, force)
+            (tmp / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        return report
 
     with atomic_output_dir(out_dir, force=force) as tmp:
         (tmp / "onnx").mkdir()
@@ -98,17 +116,22 @@ def optimize(
             fused_operators={k: v for k, v in fused.get_fused_operator_statistics().items() if v},
             thresholds={"kendall_tau": min_tau, "top1_kept": min_top1},
         )
-        passed = report["kendall_tau"] >= min_tau and report["top1_kept"] >= min_top1
-        report["passed"] = bool(passed)
-        if not passed and not force:
-            raise FidelityError(
-                f"{precision} model below the fidelity thresholds (Kendall tau {report['kendall_tau']:.4f} vs "
-                f">= {min_tau}, top-1 kept {report['top1_kept']:.3f} vs >= {min_top1}); nothing written "
-                "(pass --force to write it anyway)",
-                report,
-            )
+        _gate(report, precision, min_tau, min_top1, force)
         (tmp / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _gate(report: dict[str, Any], precision: str, min_tau: float, min_top1: float, force: bool) -> None:
+    """Marks ``report`` passed or not; raises FidelityError below the thresholds unless ``force``."""
+    passed = report["kendall_tau"] >= min_tau and report["top1_kept"] >= min_top1
+    report["passed"] = bool(passed)
+    if not passed and not force:
+        raise FidelityError(
+            f"{precision} model below the fidelity thresholds (Kendall tau {report['kendall_tau']:.4f} vs "
+            f">= {min_tau}, top-1 kept {report['top1_kept']:.3f} vs >= {min_top1}); nothing written "
+            "(pass --force to write it anyway)",
+            report,
+        )
 
 
 def _fuse(src: Path, config: dict[str, Any]) -> Any:
@@ -189,27 +212,21 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         raise ModelError(f"int8 quantization failed: {e}") from e
 
 
-def _bf16_refusal() -> str:
-    """Why --bf16 is refused here: a probe shows whether this onnxruntime has bf16 MatMul on the CPU."""
+def _openvino_available() -> bool:
     import onnxruntime as ort
 
-    try:
-        from onnx import TensorProto, helper
-    except ImportError:
-        return "--bf16 needs the onnx package, and this onnxruntime's CPU provider has no bfloat16 kernels"
-    a = helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [1, 1])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "a"], ["b"])], "probe", [a],
-                              [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [1, 1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception:  # NOT_IMPLEMENTED is the expected answer on the CPU provider
-        return (
-            "--bf16 is not feasible: this onnxruntime's CPU provider has no bfloat16 MatMul kernel "
-            f"(onnxruntime {ort.__version__}); use --int8 (fastest on the CPU) or --fp16 (GPU)"
-        )
-    return "--bf16 is not implemented yet, although this onnxruntime has a bfloat16 MatMul kernel; use --int8"
+    return "OpenVINOExecutionProvider" in ort.get_available_providers()
+
+
+def _bf16_refusal() -> str:
+    import onnxruntime as ort
+
+    return (
+        "--bf16 runs on ONNX Runtime's OpenVINO execution provider (bf16 matmuls on CPUs with "
+        "AVX512-BF16 or AMX): install onnxruntime-openvino in place of onnxruntime "
+        f"(this onnxruntime {ort.__version__} has {ort.get_available_providers()}, and its CPU provider has "
+        "no bfloat16 kernels); or use --int8"
+    )
 
 
 # --- fidelity -------------------------------------------------------------------------------
@@ -221,8 +238,10 @@ def fidelity(
     samples: SampleSet,
     *,
     threads: int | None = None,
+    candidate_device: str = "cpu",
 ) -> dict[str, Any]:
-    """Compares a candidate model's logits and per-query rankings with the reference model's.
+    """Compares a candidate model's logits and per-query rankings with the reference model's (the
+    reference on the CPU provider, the candidate on ``candidate_device``).
 
     Returns:
         ``max_abs_logit_diff``, ``kendall_tau`` (mean over queries; ``kendall_tau_min``),
@@ -232,7 +251,9 @@ def fidelity(
     from .cross_encoder import CrossEncoder
 
     ref = CrossEncoder(reference_dir, activation="none", device="cpu", threads=threads)
-    cand = CrossEncoder(candidate_dir, activation="none", device="cpu", threads=threads)
+    cand = CrossEncoder(candidate_dir, activation="none", device=candidate_device, threads=threads)
+    if cand.device != candidate_device:
+        raise ModelError(f"the fidelity check needs the {candidate_device} device, which this onnxruntime lacks")
     worst = 0.0
     taus, overlaps, kept = [], [], []
     for query, docs in samples:

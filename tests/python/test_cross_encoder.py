@@ -22,6 +22,10 @@ from tailrank.errors import ModelError  # noqa: E402
 
 ATOL = 1e-4
 CASES = [(f, n) for f in models.FAMILIES for n in (1, 2)]
+# The OpenVINO provider comes with the onnxruntime-openvino wheel, which replaces onnxruntime:
+# `make test-openvino` runs the tests named "openvino" in a virtual environment that has it.
+HAS_OPENVINO = "OpenVINOExecutionProvider" in __import__("onnxruntime").get_available_providers()
+DEVICES = ["cpu", "openvino"] if HAS_OPENVINO else ["cpu"]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -58,10 +62,12 @@ def bert(tmp_path_factory):
 # --- fidelity -------------------------------------------------------------------------------
 
 
-def test_predict_matches_transformers(family_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_predict_matches_transformers(family_model, device):
     hf_dir, model_dir = family_model
-    raw = CrossEncoder(model_dir, activation="none", threads=2)
-    scored = CrossEncoder(model_dir, threads=2)
+    raw = CrossEncoder(model_dir, activation="none", threads=2, device=device)
+    scored = CrossEncoder(model_dir, threads=2, device=device)
+    assert raw.device == device and raw.inference_precision == ("fp32" if device == "openvino" else None)
     pairs = models.mixed_pairs(seed=7)
     want = models.reference_logits(hf_dir, pairs, raw.max_length)
     assert raw.max_length == models.MAX_POSITIONS
@@ -359,6 +365,31 @@ def test_cuda_request_without_cuda_falls_back_with_one_log_line(bert, caplog):
     assert ce.device == "cpu"
     lines = [r for r in caplog.records if r.name == "tailrank"]
     assert len(lines) == 1 and "CPU" in lines[0].getMessage()
+
+
+@pytest.mark.skipif(HAS_OPENVINO, reason="OpenVINO is available here")
+def test_openvino_request_without_openvino_falls_back_with_one_log_line(bert, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="tailrank"):
+        ce = CrossEncoder(bert[1], device="openvino", threads=1)
+    assert ce.device == "cpu" and ce.inference_precision is None
+    lines = [r for r in caplog.records if r.name == "tailrank"]
+    assert len(lines) == 1 and "onnxruntime-openvino" in lines[0].getMessage()
+    # A directory that asks for bf16 on OpenVINO (tailrank optimize --bf16) scores its fp32 graph here.
+    model = _copy(bert[1], tmp_path)
+    (model / "tailrank.json").write_text(json.dumps({"device": "openvino", "precision": "bf16"}))
+    pairs = models.mixed_pairs(seed=3)
+    fallback = CrossEncoder(model, threads=1)
+    assert fallback.device == "cpu"
+    np.testing.assert_array_equal(fallback.predict(pairs), CrossEncoder(bert[1], threads=1).predict(pairs))
+    assert fallback.fingerprint != ce.fingerprint  # the run-time settings are part of the identity
+
+
+def test_bad_runtime_file(bert, tmp_path):
+    model = _copy(bert[1], tmp_path)
+    for bad in ('{"device": "tpu"}', '{"precision": "int4"}', "[1]", "{"):
+        (model / "tailrank.json").write_text(bad)
+        with pytest.raises(ModelError, match="tailrank.json"):
+            CrossEncoder(model, threads=1)
 
 
 @pytest.mark.skipif(

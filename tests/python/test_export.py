@@ -145,13 +145,44 @@ def test_threshold_failure_refuses_without_force(bert_dir, samples, tmp_path, ca
     assert json.loads((tmp_path / "out" / "fidelity.json").read_text())["passed"] is False
 
 
-def test_fp16_and_bf16(bert_dir, samples, tmp_path):
+HAS_OPENVINO = "OpenVINOExecutionProvider" in __import__("onnxruntime").get_available_providers()
+
+
+def test_fp16(bert_dir, samples, tmp_path):
     report = optimize(bert_dir, tmp_path / "fp16", precision="fp16", sample_pairs=samples, min_tau=0.0, min_top1=0.0,
                       threads=1)
     assert report["max_abs_logit_diff"] < 0.05
-    with pytest.raises(ModelError, match="bf16"):
+
+
+@pytest.mark.skipif(HAS_OPENVINO, reason="OpenVINO is available here: test_bf16_on_openvino runs instead")
+def test_bf16_refused_without_openvino(bert_dir, samples, tmp_path):
+    with pytest.raises(ModelError, match="onnxruntime-openvino"):
         optimize(bert_dir, tmp_path / "bf16", precision="bf16", sample_pairs=samples)
     assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs onnxruntime-openvino (make test-openvino runs it)")
+def test_bf16_on_openvino(bert_dir, samples, tmp_path):
+    out = tmp_path / "bf16"
+    report = optimize(bert_dir, out, precision="bf16", sample_pairs=samples, min_tau=0.0, min_top1=0.0, threads=1)
+    assert report["runtime"] == {"device": "openvino", "precision": "bf16"}
+    assert json.loads((out / "fidelity.json").read_text())["kendall_tau"] == report["kendall_tau"]
+    assert json.loads((out / "tailrank.json").read_text()) == {"device": "openvino", "precision": "bf16"}
+    # The fp32 graph itself: bf16 is how OpenVINO runs it, not what the file holds.
+    assert (out / "onnx" / "model.onnx").read_bytes() == (bert_dir / "onnx" / "model.onnx").read_bytes()
+    pairs = models.mixed_pairs(seed=5)
+    fp32 = CrossEncoder(bert_dir, activation="none", threads=1, device="cpu").predict(pairs)
+    bf16 = CrossEncoder(out, activation="none", threads=1)  # device "auto": what tailrank.json says
+    assert bf16.device == "openvino" and bf16.inference_precision == "bf16"
+    got = bf16.predict(pairs)
+    assert 0 < np.abs(got - fp32).max() < 0.1  # bf16 matmuls really ran, and stay close
+    assert report["kendall_tau"] > 0.8 and report["max_abs_logit_diff"] < 0.1
+    on_cpu = CrossEncoder(out, activation="none", threads=1, device="cpu")
+    np.testing.assert_array_equal(on_cpu.predict(pairs), fp32)
+    # Gated like every precision: an unreachable threshold writes nothing.
+    with pytest.raises(FidelityError):
+        optimize(bert_dir, tmp_path / "strict", precision="bf16", sample_pairs=samples, min_tau=1.5, threads=1)
+    assert not (tmp_path / "strict").exists()
 
 
 def test_builtin_samples_and_kendall_tau(tmp_path_factory):

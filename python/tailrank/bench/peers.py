@@ -45,11 +45,13 @@ F32 = npt.NDArray[np.float32]
 class TailrankDocStore:
     """tailrank.CrossEncoder.rank_ids over a DocStore of the documents, keyed by their text."""
 
-    def __init__(self, model_dir: str | os.PathLike[str], threads: int) -> None:
+    def __init__(self, model_dir: str | os.PathLike[str], threads: int, device: str = "auto") -> None:
         from ..cross_encoder import CrossEncoder
         from ..docstore import DocStore
 
-        self.ce = CrossEncoder(model_dir, threads=threads)
+        self.ce = CrossEncoder(model_dir, threads=threads, device=device)
+        if device != "auto" and self.ce.device != device:
+            raise RuntimeError(f"device {device!r} is not available to this onnxruntime")
         self.store = DocStore(self.ce.vocab_size)
         self._ids: dict[str, int] = {}
 
