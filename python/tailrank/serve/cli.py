@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--no-auto-truncate", action="store_true",
                    help="TEI requests without `truncate` get 413 for pairs over max_length instead of truncation")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: the CPU quota)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | openvino (default auto)")
     s.add_argument("--scoring-nice", default=None,
                    help="priority of the scoring threads below the HTTP event loop, so that requests are "
                    "admitted or refused at once while every CPU scores (Linux): idle (SCHED_IDLE, the "
