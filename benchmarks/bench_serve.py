@@ -450,8 +450,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name}: saturation ...", flush=True)
             sat = saturation(url, requests, args.saturation_clients, args.saturation_duration)
             out: dict[str, Any] = {"command": server.cmd, "saturation": sat, "rates": []}
-            if base_rate is None:
-                base_rate = sat["rps"]  # every system is offered the same rates: those of the first
+            if base_rate is None:  # every system is offered the same rates: those of the first (or --base-rate)
+                base_rate = args.base_rate or sat["rps"]
             for i, f in enumerate(args.load_factors):
                 rate = f * base_rate
                 print(f"{name}: {f:g}x = {rate:.3f} req/s for {args.duration:g} s ...", flush=True)
@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per load factor")
     p.add_argument("--load-factors", type=_floats, default=[0.5, 0.7, 1.0, 2.0], help="x tailrank's saturation")
     p.add_argument("--saturation-clients", type=int, default=4)
+    p.add_argument("--base-rate", type=float, default=None,
+                   help="requests/s the load factors multiply (default: the first system's measured saturation), "
+                   "e.g. tailrank's from an earlier run, to offer a baseline-only run the same rates")
     p.add_argument("--saturation-duration", type=float, default=30.0)
     p.add_argument("--overload-factor", type=float, default=2.0)
     p.add_argument("--overload-duration", type=float, default=300.0, help="RSS watch under overload; 0 skips it")
