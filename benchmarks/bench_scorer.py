@@ -48,6 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import DEFAULT_DATA, DEFAULT_OUT, environment, environment_line, markdown_table, write_json, write_text  # noqa: E402
 
+from tailrank._ort import openvino_available  # noqa: E402
 from tailrank.bench import peers  # noqa: E402
 from tailrank.bench.fidelity import ranking_agreement  # noqa: E402
 from tailrank.bench.floor import floor_rate, matmul_rates, real_token_flops, request_lengths  # noqa: E402
@@ -62,12 +63,6 @@ PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-bf16": "bf
 # threads and timing code), e.g. the .venv-openvino that `make test-openvino` builds.
 OPENVINO_SYSTEMS = ("tailrank-ov-fp32", "tailrank-bf16")
 DEFAULT_OPENVINO_PYTHON = Path(__file__).resolve().parent.parent / ".venv-openvino" / "bin" / "python"
-
-
-def _has_openvino() -> bool:
-    import onnxruntime as ort
-
-    return "OpenVINOExecutionProvider" in ort.get_available_providers()
 
 
 def add_arguments(p: argparse.ArgumentParser | Any) -> None:
@@ -181,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for prec in ("opt-fp32", "int8"):
         if prec in model_dirs:
             factories[f"tailrank-{prec}"] = (lambda p: lambda: peers.TailrankDocStore(model_dirs[p], args.threads))(prec)
-    here = _has_openvino()
+    here = openvino_available()
     for name in OPENVINO_SYSTEMS:
         if name in args.systems and here:
             factory, rep = _openvino_factory(name, fp32_dir, work, args)

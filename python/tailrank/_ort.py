@@ -130,6 +130,13 @@ OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 RUNTIME_FILE = "tailrank.json"
 
 
+def openvino_available() -> bool:
+    """Whether this onnxruntime has the OpenVINO execution provider (the onnxruntime-openvino wheel)."""
+    import onnxruntime as ort
+
+    return "OpenVINOExecutionProvider" in ort.get_available_providers()
+
+
 def choose_providers(device: str, *, threads: int | None = None, precision: str = "fp32") -> tuple[list[Any], str]:
     """Execution providers for ``device`` ("auto", "cpu", "cuda", "openvino") and the device
     actually used. ``precision`` is the OpenVINO provider's inference precision ("fp32" or
@@ -141,7 +148,7 @@ def choose_providers(device: str, *, threads: int | None = None, precision: str 
     if device == "cpu":
         return ["CPUExecutionProvider"], "cpu"
     if device == "openvino":
-        if "OpenVINOExecutionProvider" in ort.get_available_providers():
+        if openvino_available():
             # Explicit f32 too: OpenVINO's CPU default is bf16 on AMX machines.
             props = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
                      "INFERENCE_NUM_THREADS": str(threads if threads is not None else cpu_quota())}

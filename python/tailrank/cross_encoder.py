@@ -192,13 +192,13 @@ class CrossEncoder:
         runtime = read_runtime(self.model_dir)
         if device == "auto" and runtime.get("device", "auto") != "auto":
             device = runtime["device"]
+        precision = runtime.get("precision", "fp32")
         self._session, self.device = load_session(
-            onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice),
-            precision=runtime.get("precision", "fp32"),
+            onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice), precision=precision
         )
         #: The OpenVINO provider's inference precision ("fp32" or "bf16"); None on other
         #: devices, where the graph's own types rule.
-        self.inference_precision: str | None = runtime.get("precision", "fp32") if self.device == "openvino" else None
+        self.inference_precision: str | None = precision if self.device == "openvino" else None
         self._read_signature(onnx_path)
         # The run-time settings change the scores (bf16 matmuls), so they are part of the identity.
         runtime_file = self.model_dir / RUNTIME_FILE

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._ort import RUNTIME_FILE, find_onnx, read_json
+from ._ort import RUNTIME_FILE, find_onnx, openvino_available, read_json
 from .errors import ModelError
 from .export import atomic_output_dir, copy_model_files
 
@@ -76,7 +76,7 @@ def optimize(
     src_dir = Path(model_dir)
     src = find_onnx(src_dir)
     config = read_json(src_dir / "config.json", "config.json")
-    if precision == "bf16" and not _openvino_available():
+    if precision == "bf16" and not openvino_available():
         raise ModelError(_bf16_refusal())
     samples = _load_samples(sample_pairs, src_dir)
 
@@ -210,12 +210,6 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         raise
     except Exception as e:  # onnx raises whatever its checks raise
         raise ModelError(f"int8 quantization failed: {e}") from e
-
-
-def _openvino_available() -> bool:
-    import onnxruntime as ort
-
-    return "OpenVINOExecutionProvider" in ort.get_available_providers()
 
 
 def _bf16_refusal() -> str:

@@ -498,10 +498,10 @@ def create_app(
     """
     from ..cross_encoder import CrossEncoder
 
+    scoring_nice = check_priority(scoring_nice, "scoring_nice")
     if isinstance(reranker, (str, os.PathLike)):
         reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice)
     model: Reranker = reranker
-    scoring_nice = check_priority(scoring_nice, "scoring_nice")
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
     limits = limits or Limits()
