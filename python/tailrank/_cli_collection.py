@@ -110,6 +110,7 @@ def _ingest(args: argparse.Namespace) -> int:
         if batch:
             done += _flush(col, batch)
             bar.update(len(batch))
+    col.close()  # a checkpoint of the whole ingest: the next open replays nothing
     print(f"ingested {done} documents into {path} in {time.perf_counter() - t0:.1f} s ({len(col)} in all, "
           f"{col.chunk_count} chunks)")
     return 0

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from . import Collection, CrossEncoder, Embedder, distance_isa
+    from .collection._manifest import FORMAT_VERSION
     from .embedder import default_embedder_dir
 
     t0 = time.perf_counter()
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = list(itertools.islice(iter_corpus(args.data), args.docs))
     ids = [str(d["_id"]) for d in docs]
     texts = [doc_text(d) for d in docs]
-    key = hashlib.sha256("\0".join(ids).encode() + emb.fingerprint.encode()
+    # The collection format version is part of the key: a cache of an older format is rebuilt.
+    key = hashlib.sha256(f"v{FORMAT_VERSION}\0".encode() + "\0".join(ids).encode() + emb.fingerprint.encode()
                          + (ce.fingerprint.encode() if ce else b"")).hexdigest()[:12]
     path = Path(args.cache) / "collections" / f"{Path(args.data).name}-{len(docs)}-{key}"
     t0 = time.perf_counter()

@@ -120,8 +120,8 @@ def test_filters_are_applied_inside_the_walk(filled):
     }
     assert col.search("x", filter={"flag": 1}, rerank=False).hits == []
     assert col.search("x", filter={"lang": "xx"}).hits == []
-    for bad in ({"lang": {"$regex": "e"}}, {"lang": {"$in": "en"}}, {"$or": []}, {"lang": {"$eq": 1, "$in": [1]}},
-                {"lang": [1, 2]}, {"lang": {"$eq": float("nan")}}, ["lang"]):
+    for bad in ({"lang": {"$regex": "e"}}, {"lang": {"$in": "en"}}, {"$or": []}, {"lang": {"$gt": True}},
+                {"lang": [1, 2]}, {"lang": {"$eq": float("nan")}}, ["lang"], {"lang": {}}, {"$not": {"a": 1}}):
         with pytest.raises(FilterError):
             col.search("x", filter=bad)  # type: ignore[arg-type]
 
@@ -240,10 +240,11 @@ def test_upsert_delete_and_auto_ids(tmp_path, emb, ce):
     assert {h.id for h in col.search("TWO", k=10, rerank=False).hits} == {1, 10, 11}
     col2 = Collection.open(col.path, embedder=emb, reranker=ce)
     assert len(col2) == 3 and col2.get([1])[0]["text"] == "TWO"
-    # one writer at a time: col changed the files, col2 sees it; col (stale view) may not write
+    # col2's write reaches col (a search picks it up); col then writes on top of it
     col2.add(["six"], ids=["x6"])
-    with pytest.raises(ConcurrentUseError):
-        col.add(["seven"], ids=["x7"])
+    assert "x6" in {h.id for h in col.search("six", k=10, rerank=False).hits}
+    col.add(["seven"], ids=["x7"])
+    assert col2.refresh() and col2.chunk_count == 5 and "x7" in col2
 
 
 def test_chunking_keeps_parent_id_and_metadata(tmp_path, emb, ce):
@@ -386,7 +387,7 @@ def test_cli_ingest_search_eval(tmp_path, emb_dir, ce_dir, capsys):
     # the same query text finds its own document: the first stage recalls it
     assert ev["first_stage"]["recall@100"] == 1.0
     assert main(["search", str(col), "x", "--filter", "{bad"]) == 2
-    assert main(["search", str(col), "x", "--filter", '{"a": {"$gt": 1}}']) == 2
+    assert main(["search", str(col), "x", "--filter", '{"a": {"$regex": 1}}']) == 2
 
 
 def test_served_search_on_a_real_collection(filled):

@@ -1,0 +1,755 @@
+"""The Collection class: ties the log, the checkpoints, the filters and the search together."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._fileio import fsync_dir, write_json_checked
+from .._validate import as_float_matrix, positive_int
+from ..cross_encoder import CrossEncoder
+from ..docstore import DocStore
+from ..embedder import Embedder
+from ..errors import ConcurrentUseError, CorruptFileError, DuplicateIdError, ModelError, ModelMismatchError, UnknownIdError
+from ..index import VectorIndex
+from ..pairs import retrieve_and_assemble
+from . import _checkpoints, _filters, _log
+from ._chunking import Chunker
+from ._inputs import DocId, check_ids, check_metadata, check_query, check_texts, metadata_json
+from ._locks import FileLock, RWLock
+from ._manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    as_embedder,
+    as_reranker,
+    check_model,
+    model_entry,
+    read_manifest,
+    recorded_dir,
+)
+from ._results import SearchResult, build_result, ms, score_by_deadline
+
+_WRITER_LOCK = ".writer.lock"
+_EMBED_CHUNK = 256  # texts per embedding call during ingest (progress granularity)
+CHECKPOINT_MIN_CHUNKS = 2048  # changed chunks before a background checkpoint ...
+CHECKPOINT_FRACTION = 0.02  # ... or this fraction of the collection, whichever is larger
+_SMALL_ADD = 64  # below this many vectors one build thread beats starting a pool
+
+_live_checkpoints: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_checkpoints() -> None:
+    # A checkpoint thread cut off by interpreter shutdown leaves only a temp file, but letting it
+    # finish keeps the next open's replay short.
+    for t in list(_live_checkpoints):
+        t.join()
+
+
+class Collection:
+    """Documents with their embeddings (HNSW), reranker tokens (DocStore), texts and metadata
+    (SQLite) in one folder. Create with :meth:`create`, reopen with :meth:`open`.
+
+    Searches may run from many threads at once, each on one committed state; writes (add,
+    upsert, delete) are serialized within a process and, through a lock file, across processes.
+    Another process's commits are picked up by :meth:`refresh` or by the next search.
+    """
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        raise TypeError("use Collection.create(path, ...) or Collection.open(path, ...)")
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        embedder: str | os.PathLike[str] | Embedder,
+        reranker: str | os.PathLike[str] | CrossEncoder | None = None,
+        metric: str = "cosine",
+        chunk_tokens: int | None = None,
+        chunk_overlap: int = 0,
+        M: int = 16,
+        ef_construction: int = 200,
+        threads: int | None = None,
+    ) -> Collection:
+        """Creates an empty collection in ``path`` (a new or empty folder).
+
+        Args:
+            embedder: A bi-encoder model directory or an :class:`Embedder`.
+            reranker: A cross-encoder model directory or a :class:`CrossEncoder` (optional).
+            metric: ``"cosine"``, ``"ip"`` or ``"l2"``.
+            chunk_tokens: Split texts into chunks of this many embedder tokens (default: one
+                chunk per text; the embedder truncates at its max_length).
+            chunk_overlap: Tokens shared by consecutive chunks (< chunk_tokens).
+            M: HNSW graph degree.
+            ef_construction: HNSW build beam width.
+            threads: Threads for models and index builds (default: all cores).
+
+        Raises:
+            FileExistsError: ``path`` already holds files.
+        """
+        root = Path(path)
+        if metric not in ("cosine", "ip", "l2"):
+            raise ValueError(f'metric must be "cosine", "ip" or "l2", got {metric!r}')
+        if chunk_tokens is not None:
+            positive_int(chunk_tokens, "chunk_tokens", minimum=2)
+        overlap = positive_int(chunk_overlap, "chunk_overlap", minimum=0)
+        if overlap and (chunk_tokens is None or overlap >= chunk_tokens):
+            raise ValueError(f"chunk_overlap ({overlap}) must be smaller than chunk_tokens ({chunk_tokens})")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise FileExistsError(f"{root} exists and is not an empty folder; use Collection.open")
+        emb = as_embedder(embedder, threads)
+        rr = as_reranker(reranker, threads)
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": "tailrank.collection",
+            "format_version": FORMAT_VERSION,
+            "metric": metric,
+            "dim": int(emb.dim),
+            "chunk_tokens": chunk_tokens,
+            "chunk_overlap": overlap,
+            "M": int(M),
+            "ef_construction": int(ef_construction),
+            "embedder": model_entry(emb),
+            "reranker": model_entry(rr) if rr is not None else None,
+        }
+        _log.create(root)
+        index = VectorIndex(int(emb.dim), metric, M=int(M), ef_construction=int(ef_construction))  # type: ignore[arg-type]
+        _checkpoints.save(root, 0, index, DocStore(rr.vocab_size) if rr is not None else None)
+        write_json_checked(root / MANIFEST, manifest)  # last: its presence marks a whole collection
+        fsync_dir(root)
+        return cls._load(root, emb, rr, threads)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        embedder: str | os.PathLike[str] | Embedder | None = None,
+        reranker: str | os.PathLike[str] | CrossEncoder | None = None,
+        threads: int | None = None,
+    ) -> Collection:
+        """Opens a collection at its last committed state: the newest checkpoint, then the
+        writes committed after it, replayed from the database.
+
+        Models default to the directories recorded at creation. A model whose fingerprint differs
+        from the recorded one raises :class:`ModelMismatchError`: embeddings or tokens made by
+        one model are garbage to another.
+
+        Raises:
+            FileNotFoundError: No collection at ``path``.
+            CorruptFileError: A damaged manifest, index, DocStore or database.
+            ModelMismatchError: A model other than the collection's.
+        """
+        root = Path(path)
+        if not (root / MANIFEST).is_file():
+            raise FileNotFoundError(f"no collection at {root} (no {MANIFEST})")
+        manifest = read_manifest(root)
+        emb = as_embedder(embedder if embedder is not None else recorded_dir(manifest, "embedder"), threads)
+        rr_src = reranker
+        if rr_src is None and manifest["reranker"] is not None:
+            rec = Path(manifest["reranker"]["path"])
+            rr_src = rec if rec.is_dir() else None
+        rr = as_reranker(rr_src, threads)
+        return cls._load(root, emb, rr, threads)
+
+    @classmethod
+    def _load(cls, root: Path, emb: Embedder, rr: CrossEncoder | None, threads: int | None) -> Collection:
+        self = object.__new__(cls)
+        self.path = root
+        self._manifest = read_manifest(root)
+        m = self._manifest
+        check_model(m["embedder"], emb, "embedder", root)
+        if rr is not None:
+            if m["reranker"] is None:
+                raise ModelMismatchError(
+                    f"the collection at {root} was created without a reranker; create it with one to rerank"
+                )
+            check_model(m["reranker"], rr, "reranker", root)
+        if int(emb.dim) != int(m["dim"]):
+            raise ModelMismatchError(f"the embedder gives {emb.dim}-d vectors; the collection holds {m['dim']}-d")
+        self.embedder = emb
+        self.reranker = rr
+        self.metric = str(m["metric"])
+        self.dim = int(m["dim"])
+        self.chunk_tokens = m["chunk_tokens"]
+        self.chunk_overlap = int(m["chunk_overlap"])
+        self._threads = threads
+        self._has_store = m["reranker"] is not None
+        self._chunker = Chunker(emb, int(self.chunk_tokens), self.chunk_overlap) if self.chunk_tokens else None
+        self._rw = RWLock()  # shared: a search's reads; exclusive: a commit's switch of state
+        self._write_lock = threading.Lock()  # one thread changes the in-memory state at a time
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._broken = False
+        self._inflight = 0
+        self.checkpoint_min_chunks = CHECKPOINT_MIN_CHUNKS
+        self.checkpoint_fraction = CHECKPOINT_FRACTION
+        self._ckpt_thread: threading.Thread | None = None
+        self.checkpoint_error: BaseException | None = None
+        try:
+            self._db = _log.connect(root)
+            with self._write_lock:
+                self._reload()
+        except sqlite3.DatabaseError as e:
+            raise CorruptFileError(f"the database of {root} is damaged: {e}") from e
+        self._remove_leftovers()
+        self._maybe_checkpoint()
+        return self
+
+    # --- the in-memory state: checkpoint + replay (all under self._write_lock) ----------------
+
+    def _reload(self) -> None:
+        """Loads the newest checkpoint and replays the log after it (a new object each time)."""
+        for _ in range(20):
+            index, store, seq, next_key = _checkpoints.load_latest(self.path, self._db, self._has_store)
+            delta = _log.read_delta(self._db, seq, self.dim, self._has_store)
+            if delta.pruned_to <= seq:
+                break
+        else:
+            raise ConcurrentUseError(f"checkpoints of {self.path} kept changing while it was being opened")
+        dead = delta.deleted[delta.deleted < next_key]
+        if dead.size:
+            index.delete(dead)
+            if store is not None:
+                store.delete(dead)
+        self._add_to(index, store, delta.add_keys, delta.add_vectors, delta.add_tokens)
+        if len(index) != delta.chunks or (store is not None and len(store) != delta.chunks):
+            raise CorruptFileError(
+                f"the collection at {self.path} disagrees with itself: {delta.chunks} chunks in the database, "
+                f"{len(index)} in the index, {len(store) if store is not None else '-'} in the DocStore"
+            )
+        with self._rw.write():
+            self._index, self._store = index, store
+            self._applied, self._next_key, self._chunks = delta.seq, delta.next_key, delta.chunks
+            self._inflight = 0
+            self._broken = False
+        self._since_checkpoint = int(delta.add_keys.size + dead.size)
+
+    def _add_to(
+        self,
+        index: VectorIndex,
+        store: DocStore | None,
+        keys: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        tokens: list[Any] | None,
+    ) -> None:
+        if not keys.size:
+            return
+        if store is not None:
+            assert tokens is not None
+            store.add(keys, tokens)
+        index.add(vectors, keys, threads=1 if keys.size < _SMALL_ADD else self._threads)
+
+    def _catch_up(self) -> None:
+        """Applies the writes other processes committed since this state (O(their change))."""
+        if self._broken:
+            self._reload()
+            return
+        if _log.read_seq(self._db) == self._applied:
+            return
+        delta = _log.read_delta(self._db, self._applied, self.dim, self._has_store)
+        if delta.pruned_to > self._applied:  # its deletions are forgotten: start from a checkpoint
+            self._reload()
+            return
+        dead = delta.deleted[delta.deleted < self._next_key]
+        try:
+            self._inflight = int(delta.add_keys.size)  # keys >= _next_key: invisible to searches
+            self._add_to(self._index, self._store, delta.add_keys, delta.add_vectors, delta.add_tokens)
+            with self._rw.write():
+                self._drop(dead)
+                self._applied, self._next_key, self._chunks = delta.seq, delta.next_key, delta.chunks
+                self._inflight = 0
+        except BaseException:
+            self._broken = True
+            raise
+        self._since_checkpoint += int(delta.add_keys.size + dead.size)
+
+    def _drop(self, keys: npt.NDArray[np.int64] | Sequence[int]) -> None:
+        if len(keys):
+            k = np.asarray(keys, dtype=np.int64)
+            self._index.delete(k)
+            if self._store is not None:
+                self._store.delete(k)
+
+    def refresh(self) -> bool:
+        """Picks up writes committed by other processes (searches also do this on their own).
+
+        Returns:
+            Whether anything changed.
+        """
+        with self._write_lock:
+            before = self._applied
+            self._catch_up()
+            return self._applied != before
+
+    def _maybe_refresh(self) -> None:
+        # The cheap check: one indexed row. A thread of this process busy writing or
+        # checkpointing holds the lock; the next search picks the commit up then.
+        if not self._broken and _log.read_seq(self._reader()) == self._applied:
+            return
+        if self._write_lock.acquire(blocking=False):
+            try:
+                self._catch_up()
+            finally:
+                self._write_lock.release()
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self) -> bool:
+        """Saves the index and DocStore of the current state as the newest checkpoint, so that
+        an open replays nothing before it. Runs in the background on its own after enough
+        writes; call it (or :meth:`close`) after a bulk ingest to make the next open fast.
+
+        Returns:
+            False when another process or thread is checkpointing, or nothing changed.
+        """
+        lock = FileLock(self.path / _checkpoints.LOCK)
+        if not lock.try_acquire():
+            return False
+        try:
+            with self._write_lock:  # writes of this process wait; searches go on
+                self._catch_up()
+                seq, next_key, done = self._applied, self._next_key, self._since_checkpoint
+                if seq <= _log.read_state(self._db)["checkpoint"]:
+                    return False
+                _checkpoints.save(self.path, seq, self._index, self._store)
+            db = _log.connect(self.path)
+            try:
+                _checkpoints.publish(db, seq, next_key)
+                st = _log.read_state(db)
+            finally:
+                db.close()
+            _checkpoints.remove_unreferenced(self.path, {st["checkpoint"], st["pruned_to"]})
+            self._since_checkpoint -= done
+            return True
+        finally:
+            lock.release()
+
+    def _maybe_checkpoint(self) -> None:
+        due = max(self.checkpoint_min_chunks, self.checkpoint_fraction * self._chunks)
+        if self._since_checkpoint < due or (self._ckpt_thread is not None and self._ckpt_thread.is_alive()):
+            return
+        t = threading.Thread(target=self._background_checkpoint, name="tailrank-checkpoint", daemon=True)
+        self._ckpt_thread = t
+        _live_checkpoints.add(t)
+        t.start()
+
+    def _background_checkpoint(self) -> None:
+        try:
+            self.checkpoint()
+        except BaseException as e:  # noqa: BLE001 - kept for the caller; the log still holds everything
+            self.checkpoint_error = e
+
+    def _remove_leftovers(self) -> None:
+        lock = FileLock(self.path / _checkpoints.LOCK)
+        if lock.try_acquire():
+            try:
+                st = _log.read_state(self._db)
+                _checkpoints.remove_unreferenced(self.path, {st["checkpoint"], st["pruned_to"]})
+            finally:
+                lock.release()
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Waits for a background checkpoint, writes one if writes are not covered yet
+        (``checkpoint=True``), and closes the database connections."""
+        t = self._ckpt_thread
+        if t is not None:
+            t.join()
+        if checkpoint and self._since_checkpoint > 0:
+            self.checkpoint()
+        with self._readers_lock:
+            for c in self._readers:
+                c.close()
+            self._readers.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        c: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if c is None:
+            c = _log.connect(self.path)
+            self._local.db = c
+            with self._readers_lock:
+                self._readers.append(c)
+        return c
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        db = self._reader()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
+    def __len__(self) -> int:
+        """Number of documents (not chunks)."""
+        return int(self._reader().execute("SELECT count(*) FROM docs").fetchone()[0])
+
+    def __contains__(self, id: object) -> bool:
+        if not isinstance(id, (int, str)) or isinstance(id, bool):
+            return False
+        try:
+            return self._reader().execute("SELECT 1 FROM docs WHERE doc_id = ?", (id,)).fetchone() is not None
+        except (UnicodeEncodeError, OverflowError):
+            return False
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks in this process's state."""
+        return self._chunks
+
+    def get(self, ids: Sequence[DocId]) -> list[dict[str, Any]]:
+        """``{"id", "text", "metadata"}`` of each id, in the order given.
+
+        Raises:
+            UnknownIdError: An id is not in the collection.
+        """
+        want = check_ids(ids, len(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else -1)
+        with self._snapshot() as db:
+            rows = _log.get_docs(db, want)
+        missing = [i for i in want if (type(i), i) not in rows]
+        if missing:
+            raise UnknownIdError(f"{len(missing)} unknown id(s), e.g. {missing[0]!r}")
+        return [rows[(type(i), i)] for i in want]
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        texts: Sequence[str],
+        *,
+        ids: Sequence[DocId] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        vectors: npt.ArrayLike | None = None,
+        show_progress: bool | None = None,
+    ) -> list[DocId]:
+        """Adds documents; all or nothing.
+
+        Args:
+            texts: Document texts (str).
+            ids: One id per text (int >= 0 or str); default: new integer ids.
+            metadata: One JSON-able dict (or None) per text, for filters and results.
+            vectors: Precomputed embeddings [len(texts), dim] instead of the embedder's (one chunk
+                per text: not with chunking).
+            show_progress: A progress bar on stderr (default: for 1,000 texts or more on a TTY).
+
+        Returns:
+            The documents' ids.
+
+        Raises:
+            DuplicateIdError: An id given twice or already present (see :meth:`upsert`).
+            ConcurrentUseError: Another process is writing to the collection.
+            TypeError / ValueError: Malformed texts, ids, metadata or vectors; nothing changes.
+        """
+        return self._write(texts, ids, metadata, vectors, show_progress, replace=False)
+
+    def upsert(
+        self,
+        texts: Sequence[str],
+        *,
+        ids: Sequence[DocId],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        vectors: npt.ArrayLike | None = None,
+        show_progress: bool | None = None,
+    ) -> list[DocId]:
+        """Adds documents, replacing those whose id exists (text, metadata, chunks, vectors)."""
+        if ids is None:
+            raise TypeError("upsert needs ids")
+        return self._write(texts, ids, metadata, vectors, show_progress, replace=True)
+
+    def delete(self, ids: Sequence[DocId]) -> None:
+        """Deletes documents and their chunks; all or nothing.
+
+        Raises:
+            UnknownIdError: An id is not in the collection (nothing is deleted).
+        """
+        want = check_ids(ids, -1)
+        if not want:
+            return
+
+        def change(db: sqlite3.Connection, st: dict[str, int]) -> tuple[list[int], int]:
+            have = {(type(i), i) for i in _log.existing(db, want)}
+            missing = [i for i in want if (type(i), i) not in have]
+            if missing:
+                raise UnknownIdError(f"{len(missing)} unknown id(s), e.g. {missing[0]!r}")
+            return _log.remove_docs(db, want, st["seq"] + 1), 0
+
+        self._commit(change, None, None)
+
+    def _write(
+        self,
+        texts: Sequence[str],
+        ids: Sequence[DocId] | None,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+        vectors: npt.ArrayLike | None,
+        show_progress: bool | None,
+        *,
+        replace: bool,
+    ) -> list[DocId]:
+        # Every check, the chunking, embedding and tokenizing come before any lock.
+        docs = check_texts(texts)
+        n = len(docs)
+        given_ids = check_ids(ids, n) if ids is not None else None
+        metas = check_metadata(metadata, n)
+        vecs = None
+        if vectors is not None:
+            if self._chunker is not None:
+                raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
+            vecs, _ = as_float_matrix(vectors, self.dim, "vectors")
+            if vecs.shape[0] != n:
+                raise ValueError(f"vectors has {vecs.shape[0]} rows for {n} texts")
+        if n == 0:
+            return []
+        if self._has_store and self.reranker is None:
+            raise ModelError("this collection pre-tokenizes for its reranker; open it with the reranker to write")
+        spans = self._chunker.spans(docs) if self._chunker is not None else [[(0, len(t))] for t in docs]
+        chunk_texts = [docs[i][a:b] for i, sp in enumerate(spans) for a, b in sp]
+        owner = [i for i, sp in enumerate(spans) for _ in sp]
+        emb = vecs if vecs is not None else self._embed(chunk_texts, show_progress)
+        tokens = self.reranker.tokenize(chunk_texts) if self._has_store and self.reranker is not None else None
+        metas_json = [metadata_json(m) for m in metas]
+        flat_spans = [ab for sp in spans for ab in sp]
+        out: list[DocId] = []
+
+        def change(db: sqlite3.Connection, st: dict[str, int]) -> tuple[list[int], int]:
+            seq = st["seq"] + 1
+            if given_ids is None:
+                start = _log.next_auto_id(db)
+                doc_ids: list[DocId] = list(range(start, start + n))
+            else:
+                doc_ids = list(given_ids)
+            if replace:
+                drop = _log.remove_docs(db, doc_ids, seq)
+            else:
+                drop = []
+                taken = _log.existing(db, doc_ids)
+                if taken:
+                    raise DuplicateIdError(f"{len(taken)} id(s) already exist, e.g. {taken[0]!r}; use upsert to replace")
+            first = st["next_key"]
+            rows = [(doc_ids[i], docs[i], metas_json[i]) for i in range(n)]
+            fields = [r for i in range(n) for r in _filters.field_rows(doc_ids[i], metas[i])]
+            chunk_rows = [
+                (first + j, doc_ids[owner[j]], a, b, seq, _log.vector_blob(emb[j]),
+                 _log.tokens_blob(tokens[j]) if tokens is not None else None)
+                for j, (a, b) in enumerate(flat_spans)
+            ]
+            _log.insert_docs(db, rows, fields, chunk_rows)
+            out[:] = doc_ids
+            return drop, len(chunk_rows)
+
+        self._commit(change, emb, tokens)
+        return out
+
+    def _embed(self, texts: list[str], show_progress: bool | None) -> npt.NDArray[np.float32]:
+        if show_progress is None:
+            show_progress = len(texts) >= 1000 and bool(getattr(__import__("sys").stderr, "isatty", lambda: False)())
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        from tqdm import tqdm
+
+        with tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not show_progress) as bar:
+            for s in range(0, len(texts), _EMBED_CHUNK):
+                part = texts[s : s + _EMBED_CHUNK]
+                out[s : s + len(part)] = self.embedder.encode(part)
+                bar.update(len(part))
+        return out
+
+    def _commit(self, change: Any, emb: npt.NDArray[np.float32] | None, tokens: list[Any] | None) -> None:
+        """One write: the SQL of ``change`` in one transaction, the new chunks put into the index
+        and DocStore under keys searches do not see yet, then (exclusively) the commit, the
+        deletion of replaced chunks and the switch of state. Nothing changes if anything before
+        the commit fails; a failure after it leaves the state to be reloaded."""
+        lock = FileLock(self.path / _WRITER_LOCK)
+        with self._write_lock:
+            if not lock.try_acquire():
+                raise ConcurrentUseError(f"another process is writing to the collection at {self.path}")
+            try:
+                self._catch_up()  # under the lock file no other commit can come in between
+                self._commit_locked(change, emb, tokens)
+            finally:
+                lock.release()
+        self._maybe_checkpoint()
+
+    def _commit_locked(self, change: Any, emb: npt.NDArray[np.float32] | None, tokens: list[Any] | None) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        seq = -1
+        added: list[str] = []
+        keys = np.zeros(0, dtype=np.int64)
+        try:
+            st = _log.read_state(db)
+            if st["seq"] != self._applied:
+                raise ConcurrentUseError(f"the collection at {self.path} changed during a write")
+            seq = st["seq"] + 1
+            drop, m = change(db, st)
+            chunks = st["chunks"] - len(drop) + m
+            _log.set_state(db, seq=seq, next_key=st["next_key"] + m, chunks=chunks)
+            if m:
+                assert emb is not None
+                keys = np.arange(st["next_key"], st["next_key"] + m, dtype=np.int64)
+                self._inflight = m
+                if self._store is not None:
+                    assert tokens is not None
+                    self._store.add(keys, tokens)
+                    added.append("store")
+                self._index.add(emb, keys, threads=1 if m < _SMALL_ADD else self._threads)
+                added.append("index")
+            with self._rw.write():
+                db.execute("COMMIT")
+                self._applied = seq  # from here on the write is committed
+                self._drop(drop)
+                self._next_key, self._chunks, self._inflight = st["next_key"] + m, chunks, 0
+            self._since_checkpoint += m + len(drop)
+        except BaseException:
+            self._undo(seq, keys, added)
+            raise
+
+    def _undo(self, seq: int, keys: npt.NDArray[np.int64], added: list[str]) -> None:
+        db = self._db
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if seq >= 0 and _log.read_seq(db) >= seq:
+                self._broken = True  # committed, in-memory state half switched: reload on next use
+                return
+            if "index" in added:
+                self._index.delete(keys)
+            if "store" in added and self._store is not None:
+                self._store.delete(keys)
+            self._inflight = 0
+        except BaseException:
+            self._broken = True
+            raise
+
+    # --- searching ---------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        candidates: int = 100,
+        filter: Mapping[str, Any] | None = None,
+        rerank: bool = True,
+        deadline_ms: float | None = None,
+        ef: int | None = None,
+    ) -> SearchResult:
+        """Embeds the query, takes ``candidates`` chunks from the HNSW index (inside ``filter``),
+        reranks them with the cross-encoder and returns the best ``k`` documents.
+
+        The whole search (allow-set, ANN, token gather, texts) reads one committed state; writes
+        committed by other processes are applied first when this process is not writing.
+
+        Args:
+            filter: Metadata conditions (see :mod:`tailrank.collection._filters`):
+                ``{"field": value}``, operators ``$eq $ne $in $nin $gt $gte $lt $lte $exists``,
+                combined with ``$and`` / ``$or``; e.g. ``{"year": {"$gte": 2020}, "lang":
+                {"$in": ["en", "de"]}}``.
+            rerank: False: first-stage order only.
+            deadline_ms: Budget for the whole call from its start. Reranking goes through the
+                candidates best first-stage first, one batch at a time, and starts no batch after
+                the deadline; candidates left unscored keep first-stage order after the scored
+                ones, and ``degraded`` is set.
+            ef: HNSW search breadth for this call (default: the index's).
+
+        Raises:
+            FilterError: A malformed filter (nothing is searched).
+        """
+        t0 = time.perf_counter()
+        check_query(query)
+        k = positive_int(k, "k")
+        candidates = max(positive_int(candidates, "candidates"), k)
+        if deadline_ms is not None and (
+            isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0
+        ):
+            raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+        deadline = None if deadline_ms is None else time.monotonic() + float(deadline_ms) / 1000.0
+        docs_sql, params = _filters.to_sql(_filters.parse(filter)) if filter is not None else (None, [])
+        rr = self.reranker
+        do_rerank = rerank and rr is not None and self._has_store
+        if rerank and not do_rerank:
+            raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
+        timings = {"embed": 0.0, "ann": 0.0, "assemble": 0.0, "score": 0.0}
+        t = time.perf_counter()
+        qvec = self.embedder.encode([query])[0]
+        timings["embed"] = ms(t)
+        q_tok = rr.tokenize([query])[0] if do_rerank and rr is not None else None
+        self._maybe_refresh()
+
+        assembly = None
+        docs: list[npt.NDArray[np.int32]] | None = None
+        empty = np.zeros(0, dtype=np.int64)
+        with self._rw.read(), self._snapshot() as db:
+            allow = _log.allowed_keys(db, docs_sql, params) if docs_sql is not None else None
+            if allow is not None and allow.size == 0:
+                keys, first, info = empty, np.zeros(0, np.float32), {}
+            else:
+                index, store, visible, inflight = self._index, self._store, self._next_key, self._inflight
+                t = time.perf_counter()
+                if do_rerank and deadline is None and inflight == 0:
+                    assert rr is not None and store is not None and q_tok is not None
+                    keys, first, assembly = retrieve_and_assemble(
+                        index, store, rr.batcher(), qvec, q_tok, k=candidates, ef=ef, allow=allow
+                    )
+                else:
+                    # Keys of a write not committed yet are in the index: over-fetch, then drop them.
+                    ids, sc = index.search(qvec, candidates + inflight, ef=ef, allow=allow)
+                    ok = (ids >= 0) & (ids < visible)
+                    keys, first = ids[ok][:candidates], sc[ok][:candidates]
+                    if do_rerank:
+                        assert store is not None
+                        docs = [store.get(int(x)) for x in keys]  # copies: scored after the lock
+                timings["ann"] = ms(t)
+                info = _log.chunk_info(db, keys.tolist(), self._chunker is not None)
+        if not do_rerank or keys.size == 0:
+            return build_result(keys, first, info, [], None, None, False, timings, t0, k)
+        assert rr is not None and q_tok is not None
+        if assembly is not None or deadline is None:
+            if assembly is None:
+                assert docs is not None
+                t = time.perf_counter()
+                assembly = rr.batcher().assemble(q_tok, docs)
+                timings["assemble"] = ms(t)
+            t = time.perf_counter()
+            logits, scored = rr.score_assembly(assembly)
+            timings["score"] = ms(t)
+            truncated = assembly.truncated
+        else:
+            assert docs is not None
+            logits, scored, truncated = score_by_deadline(rr, q_tok, docs, deadline, timings)
+        scores = rr.scores_from_logits(np.nan_to_num(logits))
+        return build_result(keys, first, info, scores, scored, truncated, bool(not scored.all()), timings, t0, k)
+
+    def search_batch(self, queries: Sequence[str], **kwargs: Any) -> list[SearchResult]:
+        """:meth:`search` for each query (same keyword arguments), in order."""
+        if isinstance(queries, str):
+            raise TypeError("search_batch takes a sequence of queries; use search for one")
+        return [self.search(q, **kwargs) for q in queries]
+
+    def __repr__(self) -> str:
+        return (
+            f"Collection({str(self.path)!r}, documents={len(self)}, chunks={self.chunk_count}, metric={self.metric!r}, "
+            f"reranker={'yes' if self.reranker is not None else 'no'})"
+        )

@@ -1,0 +1,136 @@
+"""Search results, and the reranking steps that run outside the collection's lock (on copies)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..cross_encoder import CrossEncoder
+from ._inputs import DocId
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. ``score`` is the reranker's score when the hit was reranked, else the
+    first-stage score; ``first_stage_score`` is the ANN similarity (squared distance for l2)."""
+
+    id: DocId
+    score: float
+    first_stage_score: float
+    text: str
+    metadata: dict[str, Any]
+    truncated: bool
+    reranked: bool
+
+
+@dataclass
+class SearchResult:
+    """Hits best first, whether the deadline cut reranking short, and per-stage times in ms:
+    ``embed``, ``ann`` (HNSW walk; with the fused call it includes gather and assembly),
+    ``assemble``, ``score``, ``total``."""
+
+    hits: list[Hit]
+    degraded: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    candidates: int = 0
+    reranked: int = 0
+
+    def ids(self) -> list[DocId]:
+        return [h.id for h in self.hits]
+
+
+def ms(t: float) -> float:
+    return (time.perf_counter() - t) * 1000.0
+
+
+def score_by_deadline(
+    rr: CrossEncoder,
+    q_tok: npt.NDArray[np.int32],
+    docs: list[npt.NDArray[np.int32]],
+    deadline: float,
+    timings: dict[str, float],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Scores candidates best first-stage first, one batch per assembly, until the deadline."""
+    n = len(docs)
+    logits = np.full((n, rr.n_labels), np.nan, dtype=np.float32)
+    scored = np.zeros(n, dtype=bool)
+    truncated = np.zeros(n, dtype=bool)
+    batcher = rr.batcher()
+    lengths = [sum(batcher.truncate_lengths(q_tok.size, len(d))) + rr._template.n_special for d in docs]
+    start = 0
+    while start < n and time.monotonic() < deadline:
+        # The longest prefix whose padded batch fits the token budget and the row cap.
+        end, longest = start, 0
+        while end < n and end - start < rr.max_batch_size:
+            longest2 = max(longest, lengths[end])
+            if longest2 * (end - start + 1) > rr.batch_tokens and end > start:
+                break
+            longest, end = longest2, end + 1
+        t = time.perf_counter()
+        assembly = batcher.assemble(q_tok, docs[start:end])
+        timings["assemble"] += ms(t)
+        t = time.perf_counter()
+        got, done = rr.score_assembly(assembly, deadline=deadline)
+        timings["score"] += ms(t)
+        logits[start:end] = got
+        scored[start:end] = done
+        truncated[start:end] = assembly.truncated
+        start = end
+    return logits, scored, truncated
+
+
+def build_result(
+    keys: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float32],
+    info: dict[int, tuple[DocId, str, dict[str, Any]]],
+    scores: Any,
+    scored: npt.NDArray[np.bool_] | None,
+    truncated: npt.NDArray[np.bool_] | None,
+    degraded: bool,
+    timings: dict[str, float],
+    t0: float,
+    k: int,
+) -> SearchResult:
+    """Best chunk per document, scored candidates by score, then the rest in first-stage order."""
+    n = keys.size
+    if scored is not None:
+        sc = np.asarray(scores, dtype=np.float64)
+        order = sorted(range(n), key=lambda i: (0, -sc[i], i) if scored[i] else (1, 0.0, i))
+    else:
+        order = list(range(n))
+    hits: list[Hit] = []
+    seen: set[Any] = set()
+    for i in order:
+        row = info.get(int(keys[i]))
+        if row is None:  # deleted by another process after this process's state (see refresh)
+            continue
+        doc_id, text, meta = row
+        if (type(doc_id), doc_id) in seen:  # chunks of one document: keep its best
+            continue
+        seen.add((type(doc_id), doc_id))
+        was = scored is not None and bool(scored[i])
+        hits.append(
+            Hit(
+                id=doc_id,
+                score=float(scores[i]) if was else float(first[i]),
+                first_stage_score=float(first[i]),
+                text=text,
+                metadata=meta,
+                truncated=bool(truncated[i]) if truncated is not None else False,
+                reranked=was,
+            )
+        )
+        if len(hits) >= k:
+            break
+    timings["total"] = ms(t0)
+    return SearchResult(
+        hits=hits,
+        degraded=degraded,
+        timings=timings,
+        candidates=n,
+        reranked=int(scored.sum()) if scored is not None else 0,
+    )
