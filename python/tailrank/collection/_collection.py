@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._fileio import fsync_dir, write_json_checked
-from .._validate import as_float_matrix, positive_int
+from .._validate import positive_int
 from ..cross_encoder import CrossEncoder
 from ..docstore import DocStore
 from ..embedder import Embedder
@@ -26,7 +26,8 @@ from ..index import VectorIndex
 from ..pairs import retrieve_and_assemble
 from . import _checkpoints, _filters, _log
 from ._chunking import Chunker
-from ._inputs import DocId, check_ids, check_metadata, check_query, check_texts, metadata_json
+from ._fresh import Fresh
+from ._inputs import DocId, check_ids, check_metadata, check_query, check_texts, check_vectors, metadata_json
 from ._locks import FileLock, RWLock
 from ._manifest import (
     FORMAT_VERSION,
@@ -44,7 +45,8 @@ _WRITER_LOCK = ".writer.lock"
 _EMBED_CHUNK = 256  # texts per embedding call during ingest (progress granularity)
 CHECKPOINT_MIN_CHUNKS = 2048  # changed chunks before a background checkpoint ...
 CHECKPOINT_FRACTION = 0.02  # ... or this fraction of the collection, whichever is larger
-_SMALL_ADD = 64  # below this many vectors one build thread beats starting a pool
+FRESH_INDEX_AT = 1024  # fresh chunks that start a background pass into the graph
+FRESH_MAX = 16384  # beyond this many, a write waits for the pass (exact search stays cheap)
 
 _live_checkpoints: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
@@ -55,6 +57,11 @@ def _finish_checkpoints() -> None:
     # finish keeps the next open's replay short.
     for t in list(_live_checkpoints):
         t.join()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 class Collection:
@@ -196,9 +203,10 @@ class Collection:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._broken = False
-        self._inflight = 0
+        self._maint_lock = threading.Lock()  # one pass of fresh chunks into the graph at a time
         self.checkpoint_min_chunks = CHECKPOINT_MIN_CHUNKS
         self.checkpoint_fraction = CHECKPOINT_FRACTION
+        self.fresh_index_at = FRESH_INDEX_AT
         self._ckpt_thread: threading.Thread | None = None
         self.checkpoint_error: BaseException | None = None
         try:
@@ -208,7 +216,7 @@ class Collection:
         except sqlite3.DatabaseError as e:
             raise CorruptFileError(f"the database of {root} is damaged: {e}") from e
         self._remove_leftovers()
-        self._maybe_checkpoint()
+        self._maybe_maintain()
         return self
 
     # --- the in-memory state: checkpoint + replay (all under self._write_lock) ----------------
@@ -227,33 +235,20 @@ class Collection:
             index.delete(dead)
             if store is not None:
                 store.delete(dead)
-        self._add_to(index, store, delta.add_keys, delta.add_vectors, delta.add_tokens)
-        if len(index) != delta.chunks or (store is not None and len(store) != delta.chunks):
+        if store is not None and delta.add_keys.size:
+            store.add(delta.add_keys, delta.add_tokens)
+        fresh = Fresh(self.dim, self.metric)  # the replayed chunks: searched exactly until indexed
+        fresh.append(delta.add_keys, fresh.prepare(delta.add_vectors))
+        if len(index) + fresh.live != delta.chunks or (store is not None and len(store) != delta.chunks):
             raise CorruptFileError(
                 f"the collection at {self.path} disagrees with itself: {delta.chunks} chunks in the database, "
-                f"{len(index)} in the index, {len(store) if store is not None else '-'} in the DocStore"
+                f"{len(index)} + {fresh.live} in the index, {len(store) if store is not None else '-'} in the DocStore"
             )
         with self._rw.write():
-            self._index, self._store = index, store
+            self._index, self._store, self._fresh = index, store, fresh
             self._applied, self._next_key, self._chunks = delta.seq, delta.next_key, delta.chunks
-            self._inflight = 0
             self._broken = False
         self._since_checkpoint = int(delta.add_keys.size + dead.size)
-
-    def _add_to(
-        self,
-        index: VectorIndex,
-        store: DocStore | None,
-        keys: npt.NDArray[np.int64],
-        vectors: npt.NDArray[np.float32],
-        tokens: list[Any] | None,
-    ) -> None:
-        if not keys.size:
-            return
-        if store is not None:
-            assert tokens is not None
-            store.add(keys, tokens)
-        index.add(vectors, keys, threads=1 if keys.size < _SMALL_ADD else self._threads)
 
     def _catch_up(self) -> None:
         """Applies the writes other processes committed since this state (O(their change))."""
@@ -268,21 +263,25 @@ class Collection:
             return
         dead = delta.deleted[delta.deleted < self._next_key]
         try:
-            self._inflight = int(delta.add_keys.size)  # keys >= _next_key: invisible to searches
-            self._add_to(self._index, self._store, delta.add_keys, delta.add_vectors, delta.add_tokens)
+            prepared = self._fresh.prepare(delta.add_vectors)
+            if self._store is not None and delta.add_keys.size:
+                self._store.add(delta.add_keys, delta.add_tokens)  # keys >= _next_key: no search asks
             with self._rw.write():
                 self._drop(dead)
+                self._fresh.append(delta.add_keys, prepared)
                 self._applied, self._next_key, self._chunks = delta.seq, delta.next_key, delta.chunks
-                self._inflight = 0
         except BaseException:
             self._broken = True
             raise
         self._since_checkpoint += int(delta.add_keys.size + dead.size)
 
     def _drop(self, keys: npt.NDArray[np.int64] | Sequence[int]) -> None:
+        """Deletes live chunks (exclusive lock held): from the fresh part or the graph."""
         if len(keys):
             k = np.asarray(keys, dtype=np.int64)
-            self._index.delete(k)
+            graph = [x for x in k.tolist() if not self._fresh.kill(x)]
+            if graph:
+                self._index.delete(np.asarray(graph, dtype=np.int64))
             if self._store is not None:
                 self._store.delete(k)
 
@@ -322,11 +321,12 @@ class Collection:
         if not lock.try_acquire():
             return False
         try:
-            with self._write_lock:  # writes of this process wait; searches go on
+            with self._maint_lock, self._write_lock:  # writes of this process wait; searches go on
                 self._catch_up()
                 seq, next_key, done = self._applied, self._next_key, self._since_checkpoint
                 if seq <= _log.read_state(self._db)["checkpoint"]:
                     return False
+                self._move_fresh(write_locked=True)  # a checkpoint is the graph alone
                 _checkpoints.save(self.path, seq, self._index, self._store)
             db = _log.connect(self.path)
             try:
@@ -340,18 +340,48 @@ class Collection:
         finally:
             lock.release()
 
-    def _maybe_checkpoint(self) -> None:
-        due = max(self.checkpoint_min_chunks, self.checkpoint_fraction * self._chunks)
-        if self._since_checkpoint < due or (self._ckpt_thread is not None and self._ckpt_thread.is_alive()):
+    def _move_fresh(self, *, write_locked: bool) -> None:
+        """Inserts the fresh chunks into the graph, then drops them from the fresh part (the
+        maintenance lock held). Searches meanwhile find a moving chunk twice and keep one."""
+        with self._rw.read():
+            fresh, index = self._fresh, self._index
+            m = fresh.count
+            alive = fresh.alive[:m].copy()
+            keys, vecs = fresh.keys[:m][alive].copy(), fresh.vecs[:m][alive].copy()
+        if not m:
             return
-        t = threading.Thread(target=self._background_checkpoint, name="tailrank-checkpoint", daemon=True)
-        self._ckpt_thread = t
-        _live_checkpoints.add(t)
-        t.start()
+        if keys.size:
+            index.add(vecs, keys, threads=self._threads)
+        with self._write_lock if not write_locked else _nothing(), self._rw.write():
+            if self._fresh is not fresh or self._index is not index:
+                return  # reloaded meanwhile: that state starts from its checkpoint
+            died = [k for k in keys[~fresh.alive[:m][alive]].tolist() if k in index]  # deleted while moving
+            if died:
+                index.delete(np.asarray(died, dtype=np.int64))
+            fresh.drop_first(m)
 
-    def _background_checkpoint(self) -> None:
+    def _maybe_maintain(self) -> None:
+        """Starts the background pass (fresh chunks into the graph, a checkpoint when due); a
+        write that finds the fresh part past FRESH_MAX waits for it."""
+        due = max(self.checkpoint_min_chunks, self.checkpoint_fraction * self._chunks)
+        ckpt = self._since_checkpoint >= due
+        running = self._ckpt_thread is not None and self._ckpt_thread.is_alive()
+        if not running and (ckpt or self._fresh.live >= self.fresh_index_at):
+            t = threading.Thread(target=self._background, args=(ckpt,), name="tailrank-maintenance", daemon=True)
+            self._ckpt_thread = t
+            _live_checkpoints.add(t)
+            t.start()
+        if self._fresh.count >= FRESH_MAX:
+            with self._maint_lock:
+                self._move_fresh(write_locked=False)
+
+    def _background(self, ckpt: bool) -> None:
         try:
-            self.checkpoint()
+            if ckpt:
+                self.checkpoint()
+            else:
+                with self._maint_lock:
+                    self._move_fresh(write_locked=False)
         except BaseException as e:  # noqa: BLE001 - kept for the caller; the log still holds everything
             self.checkpoint_error = e
 
@@ -518,9 +548,7 @@ class Collection:
         if vectors is not None:
             if self._chunker is not None:
                 raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
-            vecs, _ = as_float_matrix(vectors, self.dim, "vectors")
-            if vecs.shape[0] != n:
-                raise ValueError(f"vectors has {vecs.shape[0]} rows for {n} texts")
+            vecs = check_vectors(vectors, self.dim, n)
         if n == 0:
             return []
         if self._has_store and self.reranker is None:
@@ -590,7 +618,7 @@ class Collection:
                 self._commit_locked(change, emb, tokens)
             finally:
                 lock.release()
-        self._maybe_checkpoint()
+        self._maybe_maintain()
 
     def _commit_locked(self, change: Any, emb: npt.NDArray[np.float32] | None, tokens: list[Any] | None) -> None:
         db = self._db
@@ -606,21 +634,22 @@ class Collection:
             drop, m = change(db, st)
             chunks = st["chunks"] - len(drop) + m
             _log.set_state(db, seq=seq, next_key=st["next_key"] + m, chunks=chunks)
+            prepared = None
             if m:
                 assert emb is not None
                 keys = np.arange(st["next_key"], st["next_key"] + m, dtype=np.int64)
-                self._inflight = m
+                prepared = self._fresh.prepare(emb)
                 if self._store is not None:
                     assert tokens is not None
-                    self._store.add(keys, tokens)
+                    self._store.add(keys, tokens)  # keys >= _next_key: no search asks for them yet
                     added.append("store")
-                self._index.add(emb, keys, threads=1 if m < _SMALL_ADD else self._threads)
-                added.append("index")
             with self._rw.write():
                 db.execute("COMMIT")
                 self._applied = seq  # from here on the write is committed
                 self._drop(drop)
-                self._next_key, self._chunks, self._inflight = st["next_key"] + m, chunks, 0
+                if prepared is not None:
+                    self._fresh.append(keys, prepared)
+                self._next_key, self._chunks = st["next_key"] + m, chunks
             self._since_checkpoint += m + len(drop)
         except BaseException:
             self._undo(seq, keys, added)
@@ -634,11 +663,8 @@ class Collection:
             if seq >= 0 and _log.read_seq(db) >= seq:
                 self._broken = True  # committed, in-memory state half switched: reload on next use
                 return
-            if "index" in added:
-                self._index.delete(keys)
             if "store" in added and self._store is not None:
                 self._store.delete(keys)
-            self._inflight = 0
         except BaseException:
             self._broken = True
             raise
@@ -706,18 +732,15 @@ class Collection:
             if allow is not None and allow.size == 0:
                 keys, first, info = empty, np.zeros(0, np.float32), {}
             else:
-                index, store, visible, inflight = self._index, self._store, self._next_key, self._inflight
+                index, store, fresh = self._index, self._store, self._fresh
                 t = time.perf_counter()
-                if do_rerank and deadline is None and inflight == 0:
+                if do_rerank and deadline is None and fresh.count == 0:
                     assert rr is not None and store is not None and q_tok is not None
                     keys, first, assembly = retrieve_and_assemble(
                         index, store, rr.batcher(), qvec, q_tok, k=candidates, ef=ef, allow=allow
                     )
                 else:
-                    # Keys of a write not committed yet are in the index: over-fetch, then drop them.
-                    ids, sc = index.search(qvec, candidates + inflight, ef=ef, allow=allow)
-                    ok = (ids >= 0) & (ids < visible)
-                    keys, first = ids[ok][:candidates], sc[ok][:candidates]
+                    keys, first = self._first_stage(index, fresh, qvec, candidates, ef, allow)
                     if do_rerank:
                         assert store is not None
                         docs = [store.get(int(x)) for x in keys]  # copies: scored after the lock
@@ -741,6 +764,30 @@ class Collection:
             logits, scored, truncated = score_by_deadline(rr, q_tok, docs, deadline, timings)
         scores = rr.scores_from_logits(np.nan_to_num(logits))
         return build_result(keys, first, info, scores, scored, truncated, bool(not scored.all()), timings, t0, k)
+
+    def _first_stage(
+        self,
+        index: VectorIndex,
+        fresh: Fresh,
+        qvec: npt.NDArray[np.float32],
+        candidates: int,
+        ef: int | None,
+        allow: npt.NDArray[np.int64] | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """HNSW walk plus exact search of the fresh chunks, merged (read lock held)."""
+        ids, sc = index.search(qvec, candidates + fresh.dead, ef=ef, allow=allow)
+        ok = ids >= 0
+        ids, sc = ids[ok], sc[ok]
+        if not fresh.count:
+            return ids[:candidates], sc[:candidates]
+        # A fresh key found in the graph is moving (its exact score comes from the fresh part)
+        # or was deleted while moving.
+        keep = np.fromiter((int(x) not in fresh.slot for x in ids), dtype=bool, count=ids.size)
+        fk, fs = fresh.search(qvec, candidates, allow)
+        keys = np.concatenate([ids[keep], fk])
+        scores = np.concatenate([sc[keep], fs])
+        order = np.argsort(scores if self.metric == "l2" else -scores, kind="stable")[:candidates]
+        return keys[order], scores[order]
 
     def search_batch(self, queries: Sequence[str], **kwargs: Any) -> list[SearchResult]:
         """:meth:`search` for each query (same keyword arguments), in order."""

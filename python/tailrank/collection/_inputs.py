@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import numpy as np
+import numpy.typing as npt
 
+from .._validate import as_float_matrix
 from ..errors import DuplicateIdError
 
 DocId = Union[int, str]
@@ -127,3 +129,14 @@ def _check_json_value(v: Any, where: str, depth: int) -> None:
 def metadata_json(meta: Mapping[str, Any]) -> str:
     """The stored form of checked metadata."""
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def check_vectors(vectors: Any, dim: int, n: int) -> npt.NDArray[np.float32]:
+    """[n, dim] finite float32 (checked here: they reach the graph only later)."""
+    mat, _ = as_float_matrix(vectors, dim, "vectors")
+    if mat.shape[0] != n:
+        raise ValueError(f"vectors has {mat.shape[0]} rows for {n} texts")
+    finite = np.isfinite(mat).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"vectors must be finite: row {int(np.argmin(finite))} has NaN or infinite values")
+    return mat

@@ -47,6 +47,7 @@ def connect(root: Path) -> sqlite3.Connection:
     db = sqlite3.connect(root / DB, isolation_level=None, check_same_thread=False, timeout=60.0)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
+    db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
     return db
 
 
