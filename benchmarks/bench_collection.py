@@ -216,22 +216,17 @@ import tailrank, json
 from tailrank import Embedder
 from tailrank.embedder import default_embedder_dir
 e = Embedder(default_embedder_dir())
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+rss0 = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
 t = time.perf_counter()
 col = C.open({col!r}, embedder=e)
 dt = time.perf_counter() - t
-print(json.dumps({{"open_s": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
-
-
-# The same process without the collection: imports and the query embedder loaded.
-_BASE = """
-import json, resource, sys
-sys.path[:0] = {path!r}
-from tailrank import Embedder
-from tailrank.embedder import default_embedder_dir
-import tailrank.collection
-e = Embedder(default_embedder_dir())
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps({{"open_s": dt, "rss_before_open_mib": rss0, "rss_after_open_mib": status("VmRSS:"),
+                  "peak_rss_during_open_mib": status("VmHWM:")}}))
 """
 
 
@@ -250,14 +245,14 @@ def phase_open(args: argparse.Namespace, emb: Any, out: dict[str, Any]) -> None:
                 col.close()
             del col
             index_bytes = sum(p.stat().st_size for p in path.glob("index-*.bin"))
-            db_bytes = sum(p.stat().st_size for p in path.glob("meta.sqlite*"))
+            db_bytes = (path / "meta.sqlite").stat().st_size
+            wal = path / "meta.sqlite-wal"
+            wal_bytes = wal.stat().st_size if wal.is_file() else 0
             code = _OPEN.format(path=code_path(args), before=name == "before",
                                 bench=str(REPO / "benchmarks"), col=str(path))
-            base = json.loads(subprocess.run([sys.executable, "-c", _BASE.format(path=code_path(args))],
-                                             check=True, capture_output=True, text=True).stdout)
             got = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                             text=True).stdout.splitlines()[-1])
-            r = got | {"import_rss_mib": base, "index_file_mib": index_bytes / 2**20,
+            r = got | {"index_file_mib": index_bytes / 2**20, "wal_mib": wal_bytes / 2**20,
                        "vectors_mib": n * DIM * 4 / 2**20, "db_mib": db_bytes / 2**20, "ef_construction": ef_c}
             res.setdefault(str(n), {})[name] = r
             print(f"open n={n} {name}: {r}", flush=True)
