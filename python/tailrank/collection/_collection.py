@@ -321,6 +321,8 @@ class Collection:
         if not lock.try_acquire():
             return False
         try:
+            with self._maint_lock:
+                self._move_fresh(write_locked=False)  # the bulk of it while writes go on
             with self._maint_lock, self._write_lock:  # writes of this process wait; searches go on
                 self._catch_up()
                 seq, next_key, done = self._applied, self._next_key, self._since_checkpoint
