@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve clean
+.PHONY: venv install demo test test-cpp test-asan test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,12 @@ bench-pipeline: install
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serve.py --data $(DATA) --model $(SHARED)/models/scifact-minilm-l6-ce \
 	  --threads 2 --seed 0
+
+# Collection store: write cost vs size, ingest, bytes written, filtered first stage, open time and
+# RSS, this design against ba898a3's (taken from git at run time). About 25 min with the 1M point.
+bench-collection: install
+	$(BIN)/python benchmarks/bench_collection.py --work .cache/bench-collection --sizes 1000,10000,100000,1000000 \
+	  --open-sizes 100000,1000000
 
 clean:
 	rm -rf build $(VENV) $(VENV_OV)

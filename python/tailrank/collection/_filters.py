@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ..errors import FilterError
+from ._inputs import check_unicode
 
 MAX_DEPTH = 8  # nesting of $and / $or
 MAX_BRANCHES = 64  # filters in one $and / $or
@@ -188,10 +189,9 @@ def _scalar(fld: str, op: str, v: Any) -> Scalar:
 
 def _unicode(s: str, what: str) -> str:
     try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise FilterError(f"{what} is not valid Unicode (lone surrogate at {e.start})") from e
-    return s
+        return check_unicode(s, what)
+    except ValueError as e:  # the package's one Unicode check, as the filter's error type
+        raise FilterError(str(e)) from e
 
 
 # --- translation to SQL --------------------------------------------------------------------------
