@@ -12,13 +12,17 @@ Layout of a collection folder::
 
 Writes cost O(change). A write is one SQLite transaction holding everything it changes (new
 documents with their chunks' vectors and tokens, their metadata fields, the keys of chunks it
-deletes) and the new write number ``seq``: that commit is the commit point. The in-memory index
-and DocStore are then changed by exactly those chunks. Their files are checkpoints, written off
-the write path: a background thread saves them when the chunks changed since the last checkpoint
-pass ``max(CHECKPOINT_MIN_CHUNKS, CHECKPOINT_FRACTION x chunks)`` (2,048 and 2%), and
-:meth:`Collection.close` / :meth:`Collection.checkpoint` save one on request. While it saves,
-this process's writes wait and searches go on. ``open`` loads the newest checkpoint and replays
-the writes after it from the database, so a replay is at most about that threshold.
+deletes) and the new write number ``seq``: that commit is the commit point. In memory, the new
+chunks' tokens go into the DocStore and their vectors into the *fresh part* (``_fresh``), which
+searches scan exactly; deletions mark graph or fresh entries. No HNSW insertion (whose cost grows
+with the graph) happens on the write path: a background pass moves the fresh part into the graph
+once it holds ``FRESH_INDEX_AT`` (1,024) chunks, and a write that finds more than ``FRESH_MAX``
+(16,384) waits for it, which bounds the exact scan. The index and DocStore files are
+checkpoints: the background pass also saves one when the chunks changed since the last pass
+``max(CHECKPOINT_MIN_CHUNKS, CHECKPOINT_FRACTION x chunks)`` (2,048 and 2%), and
+:meth:`Collection.close` / :meth:`Collection.checkpoint` save one on request. While a checkpoint
+saves, this process's writes wait and searches go on. ``open`` loads the newest checkpoint and
+replays the writes after it from the database into the fresh part (no graph insertion either).
 
 Crash safety: nothing but the SQLite commit makes a write durable, so ``kill -9`` at any moment
 leaves the last committed write; checkpoint files are written whole (temp, fsync, rename) before
@@ -27,8 +31,8 @@ after the pointer moved past them (see ``_checkpoints``).
 
 Consistency: a search holds the collection's read lock and one SQLite read snapshot from the
 allow-set to the result texts, copies the candidates' tokens, and scores after releasing it. A
-write adds its new chunks to the index under keys searches skip, then takes the lock exclusively
-only to commit, delete replaced chunks and publish the new keys.
+write stores its new chunks' tokens under keys no search asks for yet, then takes the lock exclusively
+only to commit, delete replaced chunks and append the new ones to the fresh part.
 
 Other processes: every search first compares the committed ``seq`` (one indexed row) with its
 own and applies the writes it lacks (O(their change)), unless a thread of this process is
