@@ -21,7 +21,6 @@ import models
 from tailrank import CrossEncoder, Embedder  # noqa: E402
 from tailrank.collection import Collection  # noqa: E402
 from tailrank.errors import (  # noqa: E402
-    ConcurrentUseError,
     CorruptFileError,
     DuplicateIdError,
     FilterError,

@@ -73,6 +73,38 @@ class Collection:
     Another process's commits are picked up by :meth:`refresh` or by the next search.
     """
 
+    path: Path
+    embedder: Embedder
+    reranker: CrossEncoder | None
+    metric: str
+    dim: int
+    chunk_tokens: int | None
+    chunk_overlap: int
+    checkpoint_min_chunks: int
+    checkpoint_fraction: float
+    fresh_index_at: int
+    checkpoint_error: BaseException | None
+    _manifest: dict[str, Any]
+    _threads: int | None
+    _has_store: bool
+    _chunker: Chunker | None
+    _rw: RWLock
+    _write_lock: threading.Lock
+    _maint_lock: threading.Lock
+    _local: threading.local
+    _readers: list[sqlite3.Connection]
+    _readers_lock: threading.Lock
+    _broken: bool
+    _ckpt_thread: threading.Thread | None
+    _db: sqlite3.Connection
+    _index: VectorIndex
+    _store: DocStore | None
+    _fresh: Fresh
+    _applied: int
+    _next_key: int
+    _chunks: int
+    _since_checkpoint: int
+
     def __init__(self, *_: Any, **__: Any) -> None:
         raise TypeError("use Collection.create(path, ...) or Collection.open(path, ...)")
 
@@ -200,15 +232,15 @@ class Collection:
         self._rw = RWLock()  # shared: a search's reads; exclusive: a commit's switch of state
         self._write_lock = threading.Lock()  # one thread changes the in-memory state at a time
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers = []
         self._readers_lock = threading.Lock()
         self._broken = False
         self._maint_lock = threading.Lock()  # one pass of fresh chunks into the graph at a time
         self.checkpoint_min_chunks = CHECKPOINT_MIN_CHUNKS
         self.checkpoint_fraction = CHECKPOINT_FRACTION
         self.fresh_index_at = FRESH_INDEX_AT
-        self._ckpt_thread: threading.Thread | None = None
-        self.checkpoint_error: BaseException | None = None
+        self._ckpt_thread = None
+        self.checkpoint_error = None
         try:
             self._db = _log.connect(root)
             with self._write_lock:

@@ -33,7 +33,7 @@ class Fresh:
         v = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.metric == "cosine" and v.size:
             norms = np.linalg.norm(v, axis=1, keepdims=True)
-            v = v / np.where(norms > 0, norms, 1.0)
+            v = (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         return v.astype(np.float32, copy=False)
 
     def append(self, keys: npt.NDArray[np.int64], prepared: npt.NDArray[np.float32]) -> None:

@@ -85,7 +85,7 @@ def check_metadata(metadata: Any, n: int) -> list[dict[str, Any]]:
     metas = list(metadata)
     if len(metas) != n:
         raise ValueError(f"got {len(metas)} metadata entries for {n} texts")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(metas):
         if m is None:
             out.append({})
