@@ -779,7 +779,7 @@ class Collection:
                         assert store is not None
                         docs = [store.get(int(x)) for x in keys]  # copies: scored after the lock
                 timings["ann"] = ms(t)
-                info = _log.chunk_info(db, keys.tolist(), self._chunker is not None)
+                info = self._texts(db, keys, None if do_rerank else k)
         if not do_rerank or keys.size == 0:
             return build_result(keys, first, info, [], None, None, False, timings, t0, k)
         assert rr is not None and q_tok is not None
@@ -798,6 +798,19 @@ class Collection:
             logits, scored, truncated = score_by_deadline(rr, q_tok, docs, deadline, timings)
         scores = rr.scores_from_logits(np.nan_to_num(logits))
         return build_result(keys, first, info, scores, scored, truncated, bool(not scored.all()), timings, t0, k)
+
+    def _texts(
+        self, db: sqlite3.Connection, keys: npt.NDArray[np.int64], k: int | None
+    ) -> dict[int, tuple[DocId, str, dict[str, Any]]]:
+        """Texts and metadata of the candidates; in first-stage order only as many as give
+        ``k`` documents (``None``: all, for reranking)."""
+        chunked = self._chunker is not None
+        if k is None or keys.size <= 2 * k:
+            return _log.chunk_info(db, keys.tolist(), chunked)
+        info = _log.chunk_info(db, keys[: 2 * k].tolist(), chunked)
+        if len({(type(v[0]), v[0]) for v in info.values()}) < k:  # chunks of few documents
+            info.update(_log.chunk_info(db, keys[2 * k :].tolist(), chunked))
+        return info
 
     def _first_stage(
         self,
