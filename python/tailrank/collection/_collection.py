@@ -436,6 +436,10 @@ class Collection:
             t.join()
         if checkpoint and self._since_checkpoint > 0:
             self.checkpoint()
+        with self._write_lock:
+            # Folds the WAL into the database file so the next open need not index it; with a
+            # reader elsewhere SQLite does what it can and returns (busy is not an error here).
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with self._readers_lock:
             for c in self._readers:
                 c.close()
