@@ -108,6 +108,17 @@ void bind_index(py::module_& m) {
             self.save(path);
           },
           py::arg("path"))
+      .def(
+          "_hold_write_lock",
+          [](const VectorIndex& self, const py::function& fn) {
+            std::unique_lock<RwLock> lk;
+            {
+              py::gil_scoped_release nogil;
+              lk = self.write_lock();
+            }
+            fn();
+          },
+          py::arg("fn"), "Calls fn() while holding the index as a writer does (for tests).")
       .def_static(
           "load",
           [](const std::string& path) {

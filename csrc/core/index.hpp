@@ -89,6 +89,8 @@ class VectorIndex {
 
   /// Callers that already hold the shared lock (the fused call) use these.
   std::shared_lock<RwLock> read_lock() const { return std::shared_lock<RwLock>(mu_); }
+  /// The exclusive lock, as a writer holds it (tests of lock-free accessors).
+  std::unique_lock<RwLock> write_lock() const { return std::unique_lock<RwLock>(mu_); }
   void search_locked(const float* query, const SearchParams& params, int64_t* out_ids, float* out_scores) const;
 
  private:
