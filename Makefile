@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
+.PHONY: venv install demo test test-cpp test-asan test-tsan test-fuzz test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: venv
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
-test: install test-cpp test-asan stubtest test-py test-openvino
+test: install test-cpp test-asan test-tsan test-fuzz stubtest test-py test-openvino
 
 test-cpp: venv
 	scripts/ensure_system_deps.sh
@@ -43,6 +43,28 @@ test-asan: venv
 	$(BIN)/cmake --build build/asan -j $(JOBS)
 	cd build/asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(abspath $(BIN))/ctest --output-on-failure -j $(JOBS)
+
+# ThreadSanitizer build of the core, running the C++ tests (the pool, parallel inserts and searches).
+test-tsan: venv
+	scripts/ensure_system_deps.sh
+	$(BIN)/pip install -q "pybind11>=2.12,<4" "cmake>=3.18" ninja
+	$(BIN)/cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTAILRANK_TSAN=ON \
+	  -DTAILRANK_BUILD_TESTS=ON -DTAILRANK_BUILD_PYTHON=OFF -DPython_EXECUTABLE=$(BIN)/python >/dev/null
+	$(BIN)/cmake --build build/tsan -j $(JOBS)
+	cd build/tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" $(abspath $(BIN))/ctest --output-on-failure -j $(JOBS)
+
+# libFuzzer (clang) over the index and DocStore loaders under ASan+UBSan, checksums recomputed on
+# every input: the golden files seed it, tests/fuzz/regressions keeps any crash it ever found.
+FUZZ_SECONDS ?= 60
+FUZZ_SRC = csrc/core/common.cpp csrc/core/thread_pool.cpp csrc/core/distance.cpp csrc/core/index.cpp csrc/core/doc_store.cpp
+test-fuzz: test-cpp
+	mkdir -p build/fuzz/corpus
+	clang++ -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize=pointer-overflow \
+	  -fno-sanitize-recover=undefined -Icsrc/core -isystem build/cpp/_deps/hnswlib-0.8.0 \
+	  $(FUZZ_SRC) tests/fuzz/fuzz_loaders.cpp -o build/fuzz/fuzz_loaders -lpthread
+	build/fuzz/fuzz_loaders -runs=0 tests/fuzz/regressions tests/golden/v1 tests/golden/v2
+	build/fuzz/fuzz_loaders -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/golden/v1 tests/golden/v2 tests/fuzz/regressions 2>&1 | tail -n 15
 
 stubtest: install
 	cd /tmp && $(abspath $(BIN))/python -m mypy.stubtest tailrank._core --allowlist $(abspath tests/stubtest_allowlist.txt)

@@ -1,6 +1,7 @@
 // Bindings of VectorIndex and AllowList.
 #include "bind_common.hpp"
 #include "index.hpp"
+#include "thread_pool.hpp"
 
 namespace tailrank::bind {
 
@@ -47,6 +48,7 @@ void bind_index(py::module_& m) {
              size_t threads) {
             require_2d(queries, self.dim(), "queries", "pass one float32 vector or a [n, dim] batch");
             size_t n = size_t(queries.shape(0));
+            check_search_bounds(n, k, ef, threads);
             py::array_t<int64_t> ids({n, k});
             py::array_t<float> scores({n, k});
             SearchParams p{k, ef, allow, threads};
@@ -65,6 +67,7 @@ void bind_index(py::module_& m) {
           [](const VectorIndex& self, const CArray<float>& query, size_t k, size_t ef) {
             if (query.ndim() != 1 || size_t(query.shape(0)) != self.dim())
               throw py::value_error("query must be one float32 vector of shape [" + std::to_string(self.dim()) + "]");
+            check_search_bounds(1, k, ef, 1);
             py::array_t<int64_t> ids(static_cast<py::ssize_t>(k));
             py::array_t<float> scores(static_cast<py::ssize_t>(k));
             SearchParams p{k, ef, nullptr, 1};
@@ -77,14 +80,16 @@ void bind_index(py::module_& m) {
             return py::make_tuple(ids, scores);
           },
           py::arg("query"), py::arg("k"), py::arg("ef"))
-      .def("__contains__", &VectorIndex::contains, py::arg("id"))
-      .def("__len__", &VectorIndex::size)
-      .def_property_readonly("capacity", &VectorIndex::capacity)
+      // Accessors take the index's lock: never wait for a writer while holding the GIL.
+      .def("__contains__", &VectorIndex::contains, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+      .def("__len__", &VectorIndex::size, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("capacity", py::cpp_function(&VectorIndex::capacity, py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly("dim", &VectorIndex::dim)
       .def_property_readonly("metric", [](const VectorIndex& s) { return std::string(metric_name(s.metric())); })
       .def_property_readonly("M", &VectorIndex::M)
       .def_property_readonly("ef_construction", &VectorIndex::ef_construction)
-      .def_property("default_ef", &VectorIndex::default_ef, &VectorIndex::set_default_ef)
+      .def_property("default_ef", py::cpp_function(&VectorIndex::default_ef, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(&VectorIndex::set_default_ef, py::call_guard<py::gil_scoped_release>()))
       .def("ids",
            [](const VectorIndex& self) {
              std::vector<uint64_t> v;
@@ -103,6 +108,17 @@ void bind_index(py::module_& m) {
             self.save(path);
           },
           py::arg("path"))
+      .def(
+          "_hold_write_lock",
+          [](const VectorIndex& self, const py::function& fn) {
+            std::unique_lock<RwLock> lk;
+            {
+              py::gil_scoped_release nogil;
+              lk = self.write_lock();
+            }
+            fn();
+          },
+          py::arg("fn"), "Calls fn() while holding the index as a writer does (for tests).")
       .def_static(
           "load",
           [](const std::string& path) {
@@ -110,6 +126,7 @@ void bind_index(py::module_& m) {
             return VectorIndex::load(path);
           },
           py::arg("path"));
+  m.def("_pool_workers", &pool_workers, "Worker threads of the core's pool (for tests).");
 }
 
 }  // namespace tailrank::bind

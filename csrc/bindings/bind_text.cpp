@@ -44,10 +44,17 @@ OwnedDocs own_docs(const py::sequence& docs, const char* what = "document") {
   return out;
 }
 
-/// A 1-D numpy view of one of the assembler's buffers; keeps the assembler alive.
-py::array buffer_view(py::object self, void* data, size_t n, bool int32) {
-  if (int32) return py::array_t<int32_t>({n}, {sizeof(int32_t)}, static_cast<int32_t*>(data), self);
-  return py::array_t<int64_t>({n}, {sizeof(int64_t)}, static_cast<int64_t*>(data), self);
+/// A 1-D numpy array over one of the assembler's buffers. Its base is a capsule holding a
+/// reference to the buffer, so the array stays valid and unchanged while Python holds it; the
+/// assembler takes a fresh buffer for its next call while any such array is alive.
+py::array buffer_view(const PairAssembler& a, const std::shared_ptr<Buffer>& buf) {
+  if (a.busy()) throw ConcurrentUseError("this PairAssembler is assembling on another thread; use one per thread");
+  size_t n = buf ? a.total_elements() : 0;
+  if (n == 0) return a.options().int32 ? py::array(py::array_t<int32_t>(0)) : py::array(py::array_t<int64_t>(0));
+  auto* owner = new std::shared_ptr<Buffer>(buf);
+  py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<Buffer>*>(p); });
+  if (a.options().int32) return py::array_t<int32_t>({n}, {sizeof(int32_t)}, static_cast<int32_t*>(buf->data()), base);
+  return py::array_t<int64_t>({n}, {sizeof(int64_t)}, static_cast<int64_t*>(buf->data()), base);
 }
 
 py::tuple assembly_result(const PairAssembler& a) {
@@ -102,14 +109,19 @@ void bind_text(py::module_& m) {
             self.remove(ids.data(), size_t(ids.size()));
           },
           py::arg("ids"))
-      .def("__contains__", &DocStore::contains, py::arg("id"))
-      .def("__len__", &DocStore::size)
+      // Accessors take the store's lock: never wait for a writer while holding the GIL.
+      .def("__contains__", &DocStore::contains, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+      .def("__len__", &DocStore::size, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("vocab_size", &DocStore::vocab_size)
       .def_property_readonly("wide", &DocStore::wide)
-      .def_property_readonly("arena_tokens", &DocStore::arena_tokens)
+      .def_property_readonly("arena_tokens", py::cpp_function(&DocStore::arena_tokens, py::call_guard<py::gil_scoped_release>()))
       .def("ids",
            [](const DocStore& self) {
-             std::vector<uint64_t> v = self.ids();
+             std::vector<uint64_t> v;
+             {
+               py::gil_scoped_release nogil;
+               v = self.ids();
+             }
              py::array_t<int64_t> out(v.size());
              std::copy(v.begin(), v.end(), out.mutable_data());
              return out;
@@ -189,21 +201,9 @@ void bind_text(py::module_& m) {
             return assembly_result(self);
           },
           py::arg("query_ids"), py::arg("store"), py::arg("ids"))
-      .def("input_ids",
-           [](py::object self) {
-             auto& a = self.cast<PairAssembler&>();
-             return buffer_view(self, a.input_ids(), a.total_elements(), a.options().int32);
-           })
-      .def("attention_mask",
-           [](py::object self) {
-             auto& a = self.cast<PairAssembler&>();
-             return buffer_view(self, a.attention_mask(), a.total_elements(), a.options().int32);
-           })
-      .def("token_type_ids",
-           [](py::object self) {
-             auto& a = self.cast<PairAssembler&>();
-             return buffer_view(self, a.token_type_ids(), a.total_elements(), a.options().int32);
-           })
+      .def("input_ids", [](const PairAssembler& a) { return buffer_view(a, a.input_ids()); })
+      .def("attention_mask", [](const PairAssembler& a) { return buffer_view(a, a.attention_mask()); })
+      .def("token_type_ids", [](const PairAssembler& a) { return buffer_view(a, a.token_type_ids()); })
       .def(
           "use_pinned_memory",
           [](PairAssembler& self, const std::string& library) { self.set_allocator(pinned_allocator(library)); },
@@ -226,6 +226,7 @@ void bind_text(py::module_& m) {
                                       " values; the index has dim " + std::to_string(index.dim()));
         std::vector<float> qv(query_vec.data(), query_vec.data() + query_vec.size());
         std::vector<int32_t> q(query_ids.data(), query_ids.data() + query_ids.size());
+        check_search_bounds(1, k, ef, 1);
         py::array_t<int64_t> ids(k);
         py::array_t<float> scores(k);
         int64_t* out_ids = ids.mutable_data();

@@ -8,6 +8,7 @@ namespace tailrank {
 namespace {
 constexpr uint32_t kDocStoreVersion = 1;
 constexpr size_t kMaxDocTokens = 0xFFFFFFFFu;
+constexpr uint64_t kMaxDocId = (uint64_t{1} << 63) - 1;  // ids travel as int64 to Python
 
 template <class T>
 void put(std::vector<char>& out, const T& v) {
@@ -15,19 +16,6 @@ void put(std::vector<char>& out, const T& v) {
   out.insert(out.end(), p, p + sizeof(T));
 }
 
-struct Reader {
-  const char* p;
-  const char* end;
-  const std::string& path;
-  template <class T>
-  T get() {
-    if (size_t(end - p) < sizeof(T)) throw CorruptFileError(path + ": payload shorter than its records");
-    T v;
-    std::memcpy(&v, p, sizeof(T));
-    p += sizeof(T);
-    return v;
-  }
-};
 }  // namespace
 
 DocStore::DocStore(size_t vocab_size) : vocab_size_(vocab_size), wide_(vocab_size > 65536) {
@@ -37,6 +25,8 @@ DocStore::DocStore(size_t vocab_size) : vocab_size_(vocab_size), wide_(vocab_siz
 
 void DocStore::add(const uint64_t* ids, size_t n, const int64_t* flat, size_t flat_size, const int64_t* offsets) {
   if (offsets[0] != 0) throw std::invalid_argument("offsets[0] must be 0");
+  for (size_t i = 0; i < n; ++i)
+    if (ids[i] > kMaxDocId) throw std::invalid_argument("ids must be in [0, 2**63-1]; got " + std::to_string(ids[i]));
   for (size_t i = 0; i < n; ++i) {
     if (offsets[i + 1] < offsets[i])
       throw std::invalid_argument("offsets must be non-decreasing (offsets[" + std::to_string(i + 1) + "] < offsets[" +
@@ -148,67 +138,84 @@ std::vector<uint64_t> DocStore::ids() const {
   return out;
 }
 
+// File (version 1): FileHeader (fields: vocab size, wide, documents, tokens), then documents x
+// (u64 id, u32 length) in id order, then every document's tokens in the same order (u16, or i32
+// when wide), all little-endian.
 void DocStore::save(const std::string& path) const {
   std::shared_lock<RwLock> lk(mu_);
-  // Payload: count x (id u64, length u32), then the tokens of each document in id order.
   std::vector<uint64_t> order;
   order.reserve(spans_.size());
   for (const auto& kv : spans_) order.push_back(kv.first);
   std::sort(order.begin(), order.end());
-  size_t width = wide_ ? 4 : 2;
-  std::vector<char> payload;
-  payload.reserve(order.size() * 12 + live_tokens_ * width);
+  const size_t width = wide_ ? 4 : 2;
+  uint64_t fields[6] = {vocab_size_, wide_ ? 1u : 0u, order.size(), live_tokens_, 0, 0};
+  FileWriter w(path, kDocStoreFile, kDocStoreVersion, fields);
+  std::vector<char> recs;
+  recs.reserve(order.size() * 12);
   for (uint64_t id : order) {
-    put(payload, id);
-    put(payload, spans_.at(id).length);
+    put(recs, id);
+    put(recs, spans_.at(id).length);
   }
+  w.write(recs.data(), recs.size());
   for (uint64_t id : order) {
     const Span& s = spans_.at(id);
-    const char* src = wide_ ? reinterpret_cast<const char*>(i32_.data() + s.offset)
-                            : reinterpret_cast<const char*>(u16_.data() + s.offset);
-    payload.insert(payload.end(), src, src + size_t(s.length) * width);
+    const void* src = wide_ ? static_cast<const void*>(i32_.data() + s.offset) : static_cast<const void*>(u16_.data() + s.offset);
+    w.write(src, size_t(s.length) * width);
   }
-  uint64_t fields[6] = {vocab_size_, wide_ ? 1u : 0u, order.size(), live_tokens_, 0, 0};
-  FileHeader hdr = make_header(kDocStoreFile, kDocStoreVersion, fields, payload.data(), payload.size());
-  atomic_write(path, {{&hdr, sizeof hdr}, {payload.data(), payload.size()}});
+  w.commit();
 }
 
 std::unique_ptr<DocStore> DocStore::load(const std::string& path) {
-  std::vector<char> bytes = read_file(path);
-  const FileHeader& h = check_header(bytes, kDocStoreFile, kDocStoreVersion, path);
-  uint64_t vocab = h.fields[0], wide = h.fields[1], count = h.fields[2], tokens = h.fields[3];
-  if (vocab == 0 || vocab > uint64_t(INT32_MAX) || wide != (vocab > 65536 ? 1u : 0u))
-    throw CorruptFileError(path + ": header fields out of range");
-  size_t width = wide ? 4 : 2;
-  if (count > h.payload_size / 12 || tokens > h.payload_size / width || count * 12 + tokens * width != h.payload_size)
-    throw CorruptFileError(path + ": payload size disagrees with its header");
+  FileSource src(path);
+  return load_from(src);
+}
+
+std::unique_ptr<DocStore> DocStore::load_bytes(const void* data, size_t n, const std::string& name) {
+  MemorySource src(data, n, name);
+  return load_from(src);
+}
+
+std::unique_ptr<DocStore> DocStore::load_from(ByteSource& src) {
+  PayloadReader r(src, kDocStoreFile, {kDocStoreVersion});
+  const FileHeader& h = r.header();
+  const uint64_t vocab = h.fields[0], wide = h.fields[1], count = h.fields[2], tokens = h.fields[3];
+  if (vocab == 0 || vocab > uint64_t(INT32_MAX)) r.fail("vocab size " + std::to_string(vocab) + " is outside [1, 2**31-1]");
+  if (wide != (vocab > 65536 ? 1u : 0u)) r.fail("the width flag " + std::to_string(wide) + " does not fit vocab size " + std::to_string(vocab));
+  if (h.fields[4] != 0 || h.fields[5] != 0) r.fail("reserved header fields are not 0");
+  const size_t width = wide ? 4 : 2;
+  // Sizes before any allocation: records and tokens must fill the payload exactly.
+  if (count > r.remaining() / 12 || tokens > (r.remaining() - count * 12) / width ||
+      count * 12 + tokens * width != r.remaining())
+    r.fail("payload of " + std::to_string(r.remaining()) + " bytes does not hold " + std::to_string(count) +
+           " documents of " + std::to_string(tokens) + " tokens");
   auto store = std::make_unique<DocStore>(vocab);
-  Reader r{bytes.data() + sizeof(FileHeader), bytes.data() + bytes.size(), path};
-  std::vector<std::pair<uint64_t, uint32_t>> recs(count);
-  uint64_t sum = 0;
-  for (auto& rec : recs) {
-    rec.first = r.get<uint64_t>();
-    rec.second = r.get<uint32_t>();
-    sum += rec.second;
+  std::vector<char> recs(count * 12);
+  r.read(recs.data(), recs.size(), "the document records");
+  uint64_t sum = 0, prev = 0;
+  store->spans_.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    uint64_t id;
+    uint32_t len;
+    std::memcpy(&id, recs.data() + i * 12, 8);
+    std::memcpy(&len, recs.data() + i * 12 + 8, 4);
+    if (id > kMaxDocId) r.fail("document id " + std::to_string(id) + " exceeds 2**63-1");
+    if (i && id <= prev) r.fail("document ids are not strictly ascending at record " + std::to_string(i) + " (id " + std::to_string(id) + ")");
+    prev = id;
+    store->spans_.emplace(id, Span{sum, len});
+    sum += len;
   }
-  if (sum != tokens) throw CorruptFileError(path + ": document lengths disagree with the token count");
+  if (sum != tokens) r.fail("document lengths add up to " + std::to_string(sum) + "; the header says " + std::to_string(tokens) + " tokens");
   if (wide) {
     store->i32_.resize(tokens);
-    if (tokens) std::memcpy(store->i32_.data(), r.p, tokens * 4);  // data() is null when empty
-    for (int32_t t : store->i32_)
-      if (t < 0 || uint64_t(t) >= vocab) throw CorruptFileError(path + ": token id outside the vocabulary");
+    r.read(store->i32_.data(), tokens * 4, "the tokens");
   } else {
     store->u16_.resize(tokens);
-    if (tokens) std::memcpy(store->u16_.data(), r.p, tokens * 2);  // data() is null when empty
-    for (uint16_t t : store->u16_)
-      if (t >= vocab) throw CorruptFileError(path + ": token id outside the vocabulary");
+    r.read(store->u16_.data(), tokens * 2, "the tokens");
   }
-  uint64_t offset = 0;
-  store->spans_.reserve(count);
-  for (const auto& rec : recs) {
-    if (!store->spans_.emplace(rec.first, Span{offset, rec.second}).second)
-      throw CorruptFileError(path + ": duplicate document id " + std::to_string(rec.first));
-    offset += rec.second;
+  r.finish();
+  for (size_t i = 0; i < tokens; ++i) {
+    int64_t t = wide ? int64_t(store->i32_[i]) : int64_t(store->u16_[i]);
+    if (t < 0 || uint64_t(t) >= vocab) r.fail("token " + std::to_string(i) + " is id " + std::to_string(t) + ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
   }
   store->live_tokens_ = tokens;
   return store;

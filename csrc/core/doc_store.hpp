@@ -39,8 +39,12 @@ class DocStore {
   size_t arena_tokens() const;
   std::vector<uint64_t> ids() const;
 
+  /// Writes the store atomically; every write is checked, a failure leaves no file at `path`.
   void save(const std::string& path) const;
+  /// Loads a store, validating every field (sizes, ascending unique ids, token ids) before use;
+  /// CorruptFileError naming the field otherwise. Reads straight into the store's arena.
   static std::unique_ptr<DocStore> load(const std::string& path);
+  static std::unique_ptr<DocStore> load_bytes(const void* data, size_t n, const std::string& name);
 
   /// For callers holding read_lock(): a view that stays valid while the lock is held.
   std::shared_lock<RwLock> read_lock() const { return std::shared_lock<RwLock>(mu_); }
@@ -51,6 +55,7 @@ class DocStore {
     uint64_t offset;
     uint32_t length;
   };
+  static std::unique_ptr<DocStore> load_from(ByteSource& src);
   void append_locked(uint64_t id, const int64_t* tokens, size_t n);
   void compact_locked();
   size_t arena_tokens_unlocked() const;

@@ -11,6 +11,21 @@
 
 namespace tailrank {
 
+class ByteSource;
+class PayloadReader;
+struct Preamble;
+
+/// Limits on caller-chosen sizes: results are allocated before a search, so an absurd k or ef
+/// must fail with a message, not an allocation failure.
+constexpr size_t kMaxK = size_t(1) << 20;
+constexpr size_t kMaxEf = size_t(1) << 20;
+constexpr size_t kMaxResults = size_t(1) << 28;  // queries x k per call (3 GiB of ids and scores)
+constexpr size_t kMaxThreads = 1024;
+constexpr size_t kMaxCapacity = 0xFFFFFFFEu;     // hnswlib's element ids are 32-bit, -1 reserved
+
+/// Throws invalid_argument naming the limit when n queries x k, k, ef or threads exceed it.
+void check_search_bounds(size_t n, size_t k, size_t ef, size_t threads);
+
 enum class Metric : uint32_t { kCosine = 0, kIp = 1, kL2 = 2 };
 
 /// Parses "cosine" | "ip" | "l2"; throws invalid_argument otherwise.
@@ -64,14 +79,23 @@ class VectorIndex {
   /// Live ids (not deleted), ascending.
   std::vector<uint64_t> ids() const;
 
+  /// Writes the index in the project's own format (see index.cpp), atomically; every write is
+  /// checked, and a failure leaves no file at `path`.
   void save(const std::string& path) const;
+  /// Loads a file of format version 1 or 2, validating every structural field before use;
+  /// CorruptFileError naming the field otherwise. Reads straight into the index's memory.
   static std::unique_ptr<VectorIndex> load(const std::string& path);
+  static std::unique_ptr<VectorIndex> load_bytes(const void* data, size_t n, const std::string& name);
 
   /// Callers that already hold the shared lock (the fused call) use these.
   std::shared_lock<RwLock> read_lock() const { return std::shared_lock<RwLock>(mu_); }
+  /// The exclusive lock, as a writer holds it (tests of lock-free accessors).
+  std::unique_lock<RwLock> write_lock() const { return std::unique_lock<RwLock>(mu_); }
   void search_locked(const float* query, const SearchParams& params, int64_t* out_ids, float* out_scores) const;
 
  private:
+  static std::unique_ptr<VectorIndex> load_from(ByteSource& src);
+  void validate_graph(const PayloadReader& r, const Preamble& p, uint64_t live);
   void ensure_capacity_locked(size_t needed);
   void prepare(const float* in, float* out) const;  // normalizes for cosine
 

@@ -75,15 +75,45 @@ PairAssembler::PairAssembler(PairTemplate tmpl, AssemblerOptions opts)
     throw std::invalid_argument("batch_tokens (" + std::to_string(opts_.batch_tokens) + ") must be >= max_length (" +
                                 std::to_string(opts_.max_length) + ") so that any pair fits a batch");
   if (opts_.max_batch_rows == 0) throw std::invalid_argument("max_batch_size must be >= 1");
+  if (opts_.max_length > kMaxPairLength)
+    throw std::invalid_argument("max_length must be at most " + std::to_string(kMaxPairLength) + ", got " +
+                                std::to_string(opts_.max_length));
+  if (opts_.batch_tokens > kMaxBatchTokens)
+    throw std::invalid_argument("batch_tokens must be at most " + std::to_string(kMaxBatchTokens) +
+                                " (one batch's tensors are allocated whole), got " + std::to_string(opts_.batch_tokens));
+  if (opts_.max_batch_rows > kMaxBatchRows)
+    throw std::invalid_argument("max_batch_size must be at most " + std::to_string(kMaxBatchRows) + ", got " +
+                                std::to_string(opts_.max_batch_rows));
 }
 
 PairAssembler::~PairAssembler() = default;
 
+size_t PairAssembler::buffer_bytes() const {
+  size_t n = 0;
+  for (const auto* b : {&ids_, &mask_, &types_})
+    if (*b) n += (*b)->capacity();
+  return n;
+}
+
+namespace {
+/// Makes `buf` a buffer of at least `bytes` that nobody else holds: reused when it is ours alone
+/// and from `a`, fresh otherwise (the old one lives on with whoever holds it).
+void own_buffer(std::shared_ptr<Buffer>& buf, size_t bytes, const Allocator& a) {
+  if (!buf || buf.use_count() > 1 || !buf->uses(a)) {
+    auto fresh = std::make_shared<Buffer>();
+    fresh->reserve(bytes, a);  // may throw: `buf` stays as it was
+    buf = std::move(fresh);
+    return;
+  }
+  buf->reserve(bytes, a);
+}
+}  // namespace
+
 void PairAssembler::set_allocator(const Allocator& a) {
   BusyGuard g(busy_);
-  ids_.release();
-  mask_.release();
-  types_.release();
+  ids_.reset();
+  mask_.reset();
+  types_.reset();
   alloc_ = a;
 }
 
@@ -154,6 +184,9 @@ const std::vector<BatchSpec>& PairAssembler::assemble_multi(const std::vector<To
 const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& queries, const int64_t* query_index,
                                                  const std::vector<TokenView>& docs) {
   const size_t n = docs.size();
+  if (n > kMaxPairs)
+    throw std::invalid_argument(std::to_string(n) + " pairs in one assembly; at most " + std::to_string(kMaxPairs) +
+                                " (assemble in parts)");
   const size_t n_special = tmpl_.n_special();
   keep_q_.resize(n);
   keep_d_.resize(n);
@@ -182,9 +215,9 @@ const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& q
     r += rows;
   }
   size_t bytes = total_elements_ * element_size();
-  ids_.reserve(bytes, alloc_);
-  mask_.reserve(bytes, alloc_);
-  types_.reserve(bytes, alloc_);
+  own_buffer(ids_, bytes, alloc_);
+  own_buffer(mask_, bytes, alloc_);
+  own_buffer(types_, bytes, alloc_);
   if (opts_.int32)
     fill<int32_t>(queries, query_index, docs);
   else
@@ -205,9 +238,9 @@ void copy_tokens(const TokenView& v, size_t keep, T* out) {
 template <class T>
 void PairAssembler::fill(const std::vector<TokenView>& queries, const int64_t* query_index,
                          const std::vector<TokenView>& docs) {
-  T* ids = static_cast<T*>(ids_.data());
-  T* mask = static_cast<T*>(mask_.data());
-  T* types = static_cast<T*>(types_.data());
+  T* ids = static_cast<T*>(ids_->data());
+  T* mask = static_cast<T*>(mask_->data());
+  T* types = static_cast<T*>(types_->data());
   for (const BatchSpec& b : batches_) {
     for (size_t r = 0; r < b.rows; ++r) {
       size_t cand = size_t(order_[b.row_start + r]);

@@ -54,6 +54,7 @@ class Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   void reserve(size_t bytes, const Allocator& a);
+  bool uses(const Allocator& a) const { return a.alloc == alloc_.alloc && a.ctx == alloc_.ctx; }
   void release();
   void* data() const { return data_; }
   size_t capacity() const { return capacity_; }
@@ -64,6 +65,12 @@ class Buffer {
   Allocator alloc_{};
 };
 
+/// Limits on caller-chosen sizes (clear errors instead of allocation failures).
+constexpr size_t kMaxPairLength = size_t(1) << 20;
+constexpr size_t kMaxBatchTokens = size_t(1) << 30;
+constexpr size_t kMaxBatchRows = size_t(1) << 20;
+constexpr size_t kMaxPairs = size_t(1) << 24;
+
 struct AssemblerOptions {
   size_t max_length = 512;
   Truncation truncation = Truncation::kLongestFirst;
@@ -73,8 +80,9 @@ struct AssemblerOptions {
 };
 
 /// Builds cross-encoder batches. One assembly at a time: a second concurrent call throws
-/// ConcurrentUseError (use one assembler per thread). Views into the buffers are valid until the
-/// next assemble call.
+/// ConcurrentUseError (use one assembler per thread). The tensor buffers are reference-counted:
+/// whoever holds one (an array handed to Python) keeps it alive and unchanged, and an assembly
+/// reuses a buffer only when nobody else holds it (otherwise it takes a fresh one).
 class PairAssembler {
  public:
   PairAssembler(PairTemplate tmpl, AssemblerOptions opts);
@@ -97,15 +105,19 @@ class PairAssembler {
   const std::vector<int64_t>& lengths() const { return lengths_; }
   const std::vector<uint8_t>& truncated() const { return truncated_; }
   const std::vector<BatchSpec>& batches() const { return batches_; }
-  void* input_ids() const { return ids_.data(); }
-  void* attention_mask() const { return mask_.data(); }
-  void* token_type_ids() const { return types_.data(); }
+  /// The buffers of the last assembly (null before the first one that needed memory).
+  const std::shared_ptr<Buffer>& input_ids() const { return ids_; }
+  const std::shared_ptr<Buffer>& attention_mask() const { return mask_; }
+  const std::shared_ptr<Buffer>& token_type_ids() const { return types_; }
+  /// Whether an assembly is running now (its buffers must not be handed out).
+  bool busy() const { return busy_.load(); }
   size_t total_elements() const { return total_elements_; }
   size_t element_size() const { return opts_.int32 ? 4 : 8; }
-  size_t buffer_bytes() const { return ids_.capacity() + mask_.capacity() + types_.capacity(); }
+  size_t buffer_bytes() const;
   const AssemblerOptions& options() const { return opts_; }
   const PairTemplate& pair_template() const { return tmpl_; }
-  /// Replaces the memory source (e.g. pinned host memory); frees the current buffers.
+  /// Replaces the memory source (e.g. pinned host memory); drops the current buffers (each is
+  /// freed, by the allocator that made it, once nobody holds it).
   void set_allocator(const Allocator& a);
 
   /// Token counts kept of (query, document) under the truncation rule; throws invalid_argument
@@ -123,7 +135,7 @@ class PairAssembler {
   PairTemplate tmpl_;
   AssemblerOptions opts_;
   Allocator alloc_;
-  Buffer ids_, mask_, types_;
+  std::shared_ptr<Buffer> ids_, mask_, types_;
   std::vector<BatchSpec> batches_;
   std::vector<int64_t> order_, lengths_;
   std::vector<uint8_t> truncated_;

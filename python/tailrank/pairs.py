@@ -137,8 +137,8 @@ def _pad_id(spec: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class Batch:
-    """One padded batch. The arrays are views into the batcher's reusable buffers: valid until
-    the batcher's next call (copy them to keep them)."""
+    """One padded batch. The arrays are views into the batcher's reference-counted buffers: they
+    stay valid and unchanged while held; the batcher reuses a buffer only once they are dropped."""
 
     rows: npt.NDArray[np.int64]  # candidate index of each row
     input_ids: npt.NDArray[Any]

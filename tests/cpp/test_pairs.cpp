@@ -91,9 +91,9 @@ Row read_row(const PairAssembler& a, size_t r) {
         out.push_back(a.options().int32 ? static_cast<const int32_t*>(buf)[base + i]
                                         : static_cast<const int64_t*>(buf)[base + i]);
     };
-    get(a.input_ids(), row.ids);
-    get(a.attention_mask(), row.mask);
-    get(a.token_type_ids(), row.types);
+    get(a.input_ids()->data(), row.ids);
+    get(a.attention_mask()->data(), row.mask);
+    get(a.token_type_ids()->data(), row.types);
     return row;
   }
   ADD_FAILURE() << "row " << r << " is in no batch";
@@ -430,10 +430,10 @@ TEST(PairAssembler, Int32Option) {
   EXPECT_EQ(narrow.element_size(), 4u);
   check_assembly(narrow, q, docs);
   ASSERT_EQ(narrow.total_elements(), wide.total_elements());
-  const auto* i32 = static_cast<const int32_t*>(narrow.input_ids());
-  const auto* i64 = static_cast<const int64_t*>(wide.input_ids());
-  const auto* m32 = static_cast<const int32_t*>(narrow.attention_mask());
-  const auto* m64 = static_cast<const int64_t*>(wide.attention_mask());
+  const auto* i32 = static_cast<const int32_t*>(narrow.input_ids()->data());
+  const auto* i64 = static_cast<const int64_t*>(wide.input_ids()->data());
+  const auto* m32 = static_cast<const int32_t*>(narrow.attention_mask()->data());
+  const auto* m64 = static_cast<const int64_t*>(wide.attention_mask()->data());
   for (size_t i = 0; i < wide.total_elements(); ++i) {
     ASSERT_EQ(int64_t(i32[i]), i64[i]) << i;
     ASSERT_EQ(int64_t(m32[i]), m64[i]) << i;
@@ -446,18 +446,18 @@ TEST(PairAssembler, BuffersReusedForSameOrSmallerCalls) {
   auto docs = random_docs(rng, 50, 100, 1000);
   PairAssembler a(bert_template(), options(128));
   a.assemble(q.data(), q.size(), views(docs));
-  void* ids = a.input_ids();
-  void* mask = a.attention_mask();
-  void* types = a.token_type_ids();
+  void* ids = a.input_ids()->data();
+  void* mask = a.attention_mask()->data();
+  void* types = a.token_type_ids()->data();
   size_t bytes = a.buffer_bytes();
 
   a.assemble(q.data(), q.size(), views(docs));  // same size
-  EXPECT_EQ(a.input_ids(), ids);
-  EXPECT_EQ(a.attention_mask(), mask);
-  EXPECT_EQ(a.token_type_ids(), types);
+  EXPECT_EQ(a.input_ids()->data(), ids);
+  EXPECT_EQ(a.attention_mask()->data(), mask);
+  EXPECT_EQ(a.token_type_ids()->data(), types);
   std::vector<Tokens> fewer(docs.begin(), docs.begin() + 10);
   a.assemble(q.data(), q.size(), views(fewer));  // smaller
-  EXPECT_EQ(a.input_ids(), ids);
+  EXPECT_EQ(a.input_ids()->data(), ids);
   EXPECT_EQ(a.buffer_bytes(), bytes);
   check_assembly(a, q, fewer);
 
@@ -465,6 +465,27 @@ TEST(PairAssembler, BuffersReusedForSameOrSmallerCalls) {
   a.assemble(q.data(), q.size(), views(more));
   check_assembly(a, q, more);
   EXPECT_GE(a.buffer_bytes(), bytes);
+}
+
+TEST(PairAssembler, HeldBuffersStayValidAndUnchanged) {
+  std::mt19937 rng(44);
+  Tokens q = {1, 2, 3};
+  auto small = random_docs(rng, 30, 50, 1000);
+  auto big = random_docs(rng, 300, 120, 1000);
+  PairAssembler a(bert_template(), options(128));
+  a.assemble(q.data(), q.size(), views(small));
+  std::shared_ptr<Buffer> held = a.input_ids();  // what a numpy array's base holds
+  size_t n = a.total_elements();
+  std::vector<int64_t> before(static_cast<const int64_t*>(held->data()), static_cast<const int64_t*>(held->data()) + n);
+  a.assemble(q.data(), q.size(), views(big));  // must not write into, move or free `held`
+  EXPECT_NE(a.input_ids().get(), held.get());
+  EXPECT_EQ(std::memcmp(held->data(), before.data(), n * sizeof(int64_t)), 0);
+  check_assembly(a, q, big);
+  // Dropped by its holder: the next assembly reuses the assembler's own buffer again.
+  held.reset();
+  void* own = a.input_ids()->data();
+  a.assemble(q.data(), q.size(), views(small));
+  EXPECT_EQ(a.input_ids()->data(), own);
 }
 
 /// An allocator that, while the assembler is mid-assembly, tries to use the same assembler again.
@@ -539,9 +560,9 @@ void expect_same_assembly(const PairAssembler& a, const PairAssembler& b) {
   }
   ASSERT_EQ(a.total_elements(), b.total_elements());
   size_t bytes = a.total_elements() * a.element_size();
-  EXPECT_EQ(std::memcmp(a.input_ids(), b.input_ids(), bytes), 0);
-  EXPECT_EQ(std::memcmp(a.attention_mask(), b.attention_mask(), bytes), 0);
-  EXPECT_EQ(std::memcmp(a.token_type_ids(), b.token_type_ids(), bytes), 0);
+  EXPECT_EQ(std::memcmp(a.input_ids()->data(), b.input_ids()->data(), bytes), 0);
+  EXPECT_EQ(std::memcmp(a.attention_mask()->data(), b.attention_mask()->data(), bytes), 0);
+  EXPECT_EQ(std::memcmp(a.token_type_ids()->data(), b.token_type_ids()->data(), bytes), 0);
 }
 
 TEST(PairAssembler, FromStoreEqualsAssemble) {

@@ -406,7 +406,7 @@ def test_empty_pairs_without_special_tokens() -> None:
     assert asm.batches[0].input_ids.tolist() == [[4], [7]]
 
 
-def test_buffers_are_reused() -> None:
+def test_buffers_are_reused_once_dropped() -> None:
     rng = np.random.default_rng(7)
     batcher = PairBatcher(TEMPLATES["bert"], max_length=64, batch_tokens=256, max_batch_size=8)
     docs = [rng.integers(0, 30000, size=int(n)) for n in rng.integers(0, 100, size=50)]
@@ -414,11 +414,133 @@ def test_buffers_are_reused() -> None:
     bytes_after_first = batcher.buffer_bytes
     ptr = first.batches[0].input_ids.__array_interface__["data"][0]
     assert bytes_after_first > 0
+    del first  # nobody holds the arrays: the steady state allocates nothing
     second = batcher.assemble(rng.integers(0, 30000, size=12), docs[::-1])
     assert batcher.buffer_bytes == bytes_after_first
     assert second.batches[0].input_ids.__array_interface__["data"][0] == ptr
+    del second
     batcher.assemble([5], docs[:3])  # smaller input: buffers never shrink
     assert batcher.buffer_bytes == bytes_after_first
+
+
+def test_held_arrays_survive_a_larger_call() -> None:
+    # Round 1's bug: a kept array read freed memory after a larger assembly.
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=64, batch_tokens=4096, max_batch_size=64)
+    a1 = batcher.assemble([7] * 5, [[7] * 20] * 300)
+    kept = a1.batches[0].input_ids
+    want = kept.copy()
+    del a1
+    batcher.assemble([7] * 5, [[7] * 60] * 3000)
+    np.testing.assert_array_equal(kept, want)
+    assert int(kept.sum()) == int(want.sum())
+
+
+FAKE_CUDART = r"""
+#include <stdlib.h>
+static int live = 0;
+int cudaHostAlloc(void** p, size_t n, unsigned int flags) { *p = malloc(n); if (!*p) return 2; ++live; return 0; }
+int cudaFreeHost(void* p) { free(p); --live; return 0; }
+int fake_live(void) { return live; }
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_cudart(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A stand-in CUDA runtime (malloc behind cudaHostAlloc/cudaFreeHost, counting live blocks),
+    so the pinned-memory switch runs on a machine without a GPU."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to build the stand-in CUDA runtime"
+    d = tmp_path_factory.mktemp("cudart")
+    (d / "fake.c").write_text(FAKE_CUDART)
+    lib = d / "libfakecudart.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(d / "fake.c")], check=True)
+    return str(lib), ctypes.CDLL(str(lib))
+
+
+def _snapshot(asm: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return [(b.input_ids.copy(), b.attention_mask.copy(), b.token_type_ids.copy()) for b in asm.batches]
+
+
+def _check_kept(kept: list[tuple[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]]) -> None:
+    for asm, want in kept:
+        assert len(asm.batches) == len(want)
+        for b, (ids, mask, types) in zip(asm.batches, want):
+            np.testing.assert_array_equal(b.input_ids, ids)
+            np.testing.assert_array_equal(b.attention_mask, mask)
+            np.testing.assert_array_equal(b.token_type_ids, types)
+
+
+def test_arrays_from_many_calls_keep_their_values(fake_cudart: Any) -> None:
+    """Arrays kept from calls of different sizes, across a pinned-memory switch, several
+    batchers and threads: every one still holds what it held when it was returned."""
+    import threading
+
+    lib_path, lib = fake_cudart
+    errors: list[BaseException] = []
+
+    def worker(seed: int, dtype: Any, pin_at: int) -> None:
+        try:
+            rng = np.random.default_rng(seed)
+            batcher = PairBatcher(TEMPLATES["bert"], max_length=96, batch_tokens=1024, max_batch_size=16, dtype=dtype)
+            kept = []
+            for call in range(24):
+                if call == pin_at:
+                    batcher.use_pinned_memory(lib_path)
+                n = int(rng.choice([1, 5, 40, 300]))
+                docs = [rng.integers(0, 30000, size=int(k)) for k in rng.integers(0, 120, size=n)]
+                asm = batcher.assemble(rng.integers(0, 30000, size=int(rng.integers(1, 20))), docs)
+                kept.append((asm, _snapshot(asm)))
+            _check_kept(kept)
+        except BaseException as e:  # reported on the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s, dt, pin)) for s, dt, pin in
+               [(1, np.int64, 8), (2, np.int32, 100), (3, np.int64, 0), (4, np.int32, 15)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+    # Search results and retrieve_and_assemble's arrays are the caller's too.
+    rng = np.random.default_rng(5)
+    index = VectorIndex(8, "ip")
+    index.add(rng.standard_normal((200, 8)).astype(np.float32), np.arange(200))
+    store = DocStore(30000)
+    store.add(np.arange(200), [rng.integers(0, 30000, size=int(k)) for k in rng.integers(1, 50, size=200)])
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=64)
+    results = []
+    for i in range(20):
+        q = rng.standard_normal(8).astype(np.float32)
+        ids, scores = index.search(q, k=5 + i)
+        got = retrieve_and_assemble(index, store, batcher, q, [1, 2, 3], k=3 + 2 * i)
+        results.append(((ids, scores, got[0], got[1]), [a.copy() for a in (ids, scores, got[0], got[1])], got[2], _snapshot(got[2])))
+    for arrays, copies, asm, snap in results:
+        for a, c in zip(arrays, copies):
+            np.testing.assert_array_equal(a, c)
+        _check_kept([(asm, snap)])
+
+
+def test_pinned_buffers_are_freed_only_when_dropped(fake_cudart: Any) -> None:
+    import gc
+
+    lib_path, lib = fake_cudart
+    base = lib.fake_live()
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=32, batch_tokens=256)
+    batcher.use_pinned_memory(lib_path)
+    asm = batcher.assemble([1, 2], [[3] * 10] * 20)
+    want = _snapshot(asm)
+    assert lib.fake_live() == base + 3  # ids, mask, types
+    batcher.use_pinned_memory(lib_path)  # a switch drops the batcher's buffers, not the held ones
+    assert lib.fake_live() == base + 3
+    _check_kept([(asm, want)])
+    del asm
+    gc.collect()
+    assert lib.fake_live() == base
 
 
 def test_int32_dtype_holds_the_same_values() -> None:
