@@ -64,7 +64,9 @@ test-fuzz: test-cpp
 	  $(FUZZ_SRC) tests/fuzz/fuzz_loaders.cpp -o build/fuzz/fuzz_loaders -lpthread
 	build/fuzz/fuzz_loaders -runs=0 tests/fuzz/regressions tests/golden/v1 tests/golden/v2
 	build/fuzz/fuzz_loaders -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 \
-	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/golden/v1 tests/golden/v2 tests/fuzz/regressions 2>&1 | tail -n 15
+	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/golden/v1 tests/golden/v2 tests/fuzz/regressions \
+	  > build/fuzz/fuzz.log 2>&1 || { tail -n 40 build/fuzz/fuzz.log; echo "fuzz: a crash input is in build/fuzz/ (keep it in tests/fuzz/regressions)"; exit 1; }
+	tail -n 12 build/fuzz/fuzz.log
 
 stubtest: install
 	cd /tmp && $(abspath $(BIN))/python -m mypy.stubtest tailrank._core --allowlist $(abspath tests/stubtest_allowlist.txt)
