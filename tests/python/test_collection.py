@@ -31,24 +31,7 @@ from tailrank.errors import (  # noqa: E402
 N_DOCS = 60
 
 
-@pytest.fixture(scope="module")
-def emb_dir(tmp_path_factory):
-    return models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1]
-
-
-@pytest.fixture(scope="module")
-def ce_dir(tmp_path_factory):
-    return models.exported(tmp_path_factory, "bert")[1]
-
-
-@pytest.fixture(scope="module")
-def emb(emb_dir):
-    return Embedder(emb_dir, threads=1)
-
-
-@pytest.fixture(scope="module")
-def ce(ce_dir):
-    return CrossEncoder(ce_dir, threads=1, max_batch_size=8)
+from collection_fixtures import ce, ce_dir, emb, emb_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def _docs(seed: int = 0, n: int = N_DOCS) -> tuple[list[str], list[str], list[dict]]:

@@ -25,24 +25,7 @@ from tailrank.errors import ConcurrentUseError
 SAFETY_S = 120.0  # a safety limit on waits for other processes, never a measured bound
 
 
-@pytest.fixture(scope="module")
-def emb_dir(tmp_path_factory):
-    return models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1]
-
-
-@pytest.fixture(scope="module")
-def ce_dir(tmp_path_factory):
-    return models.exported(tmp_path_factory, "bert")[1]
-
-
-@pytest.fixture(scope="module")
-def emb(emb_dir):
-    return Embedder(emb_dir, threads=1)
-
-
-@pytest.fixture(scope="module")
-def ce(ce_dir):
-    return CrossEncoder(ce_dir, threads=1, max_batch_size=8)
+from collection_fixtures import ce, ce_dir, emb, emb_dir  # noqa: E402,F401  (pytest fixtures)
 
 
 def _env() -> dict[str, str]:
