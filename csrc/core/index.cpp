@@ -457,7 +457,7 @@ void VectorIndex::search(const float* queries, size_t n, const SearchParams& p, 
 struct Preamble {
   uint64_t slots = 0, capacity = 0;
   int64_t max_level = -1;
-  uint64_t entry = 0, deleted = 0, seed = 100;
+  uint64_t entry = 0, deleted = 0, seed = kLevelSeed;
   bool has_deleted_count = false;
 };
 
