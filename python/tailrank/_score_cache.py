@@ -79,7 +79,7 @@ def pair_keys(
         h.update(fingerprint)
         q32 = np.ascontiguousarray(q, dtype=np.int32)
         h.update(q32.size.to_bytes(8, "little"))
-        h.update(q32)
+        h.update(q32.data)
         bases.append(h)
     index = [0] * len(docs) if query_index is None else np.asarray(query_index, dtype=np.int64).tolist()
     out = []
@@ -87,7 +87,7 @@ def pair_keys(
         h = bases[qi].copy()
         d32 = np.ascontiguousarray(d, dtype=np.int32)
         h.update(d32.size.to_bytes(8, "little"))
-        h.update(d32)
+        h.update(d32.data)
         out.append(h.digest())
     return out
 

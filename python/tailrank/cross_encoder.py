@@ -30,8 +30,8 @@ from ._ort import (
     text_inputs,
 )
 from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
-from ._score_cache import CacheStats, ScoreCache, pair_keys
-from ._validate import positive_int
+from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
+from ._validate import as_token_ids, positive_int
 from .docstore import DocStore
 from .errors import ModelError
 from .pairs import Assembly, PairBatcher, PairTemplate
@@ -320,8 +320,8 @@ class CrossEncoder:
     ) -> npt.NDArray[np.bool_]:
         """Logits of (q_ids, docs) into ``out``: hits from the cache, the misses assembled and
         scored together, stored, and scattered back to their rows. Returns the truncation flags."""
-        assert self.score_cache is not None
-        found = self.score_cache.lookup(pair_keys(self.score_fingerprint, [q_ids], None, docs))
+        found = self.lookup_scores(q_ids, docs)
+        assert found is not None and self.score_cache is not None
         out[:] = found.logits
         if not found.all_hit:
             miss = found.miss
@@ -330,10 +330,7 @@ class CrossEncoder:
             self._worker().run(self, assembly, got)
             out[miss] = got
             self.score_cache.store_misses(found, got)
-        # Longest-first truncation cuts a pair iff its tokens exceed the body: a function of the
-        # lengths alone, so hits need no assembly to know it.
-        lengths = np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
-        return np.asarray(q_ids.size + lengths > self.max_length - self._template.n_special)
+        return self.truncation_flags(q_ids, docs)
 
     def _scores(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if self.activation == "none":
@@ -480,6 +477,41 @@ class CrossEncoder:
         if raw:
             return (x[:, 0] if self.n_labels == 1 else x[:, 1] - x[:, 0]).astype(np.float32)
         return self._rank_scores(x)
+
+    def score_tokens(
+        self, query_ids: npt.ArrayLike, documents: Sequence[npt.NDArray[np.int32]]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Logits [n, n_labels] and truncation flags of one query's token ids against documents'
+        (no special tokens), through the score cache when it is on: only the misses are
+        assembled and scored."""
+        q = as_token_ids(query_ids, "query_ids")
+        docs = list(documents)
+        logits = np.empty((len(docs), self.n_labels), dtype=np.float32)
+        if self.score_cache is not None:
+            return logits, self._score_cached(self._worker().batcher(self, self.max_batch_size), q, docs, logits)
+        assembly = self.batcher().assemble(q, docs)
+        self._worker().run(self, assembly, logits)
+        return logits, assembly.truncated
+
+    def lookup_scores(self, query_ids: npt.NDArray[np.int32], documents: Sequence[npt.NDArray[np.int32]]
+                      ) -> CacheLookup | None:
+        """The score cache's logits for (query, document) token ids and its misses; None when off."""
+        if self.score_cache is None:
+            return None
+        return self.score_cache.lookup(pair_keys(self.score_fingerprint, [query_ids], None, documents))
+
+    def store_scores(self, found: CacheLookup, logits: npt.ArrayLike, scored: npt.ArrayLike | None = None) -> None:
+        """Stores the logits of ``found``'s misses (rows in miss order; only the ``scored`` ones)."""
+        if self.score_cache is not None:
+            self.score_cache.store_misses(found, logits, scored)
+
+    def truncation_flags(self, query_ids: npt.NDArray[np.int32], documents: Sequence[npt.NDArray[np.int32]]
+                         ) -> npt.NDArray[np.bool_]:
+        """Whether each (query, document) pair exceeds max_length, as an assembly reports it."""
+        # Longest-first truncation cuts a pair iff its tokens exceed the body: a function of the
+        # lengths alone, so cache hits need no assembly to know it.
+        lengths = np.fromiter((d.size for d in documents), dtype=np.int64, count=len(documents))
+        return np.asarray(np.asarray(query_ids).size + lengths > self.max_length - self._template.n_special)
 
     def cache_stats(self) -> CacheStats | None:
         """Hits, misses, evictions, entries and bytes of the score cache (None when it is off)."""

@@ -290,6 +290,39 @@ def test_other_fingerprints_never_hit(model_dir: Path, tmp_path: Path) -> None:
     assert shared.stats().misses == 60
 
 
+# --- the Collection (reaches the cache through its CrossEncoder) -----------------------------------
+
+from collection_fixtures import emb, emb_dir  # noqa: E402,F401  (pytest fixtures)
+
+from tailrank.collection import Collection  # noqa: E402
+
+
+@pytest.mark.parametrize("deadline_ms", [None, 60_000.0])
+def test_collection_search_reuses_scores(tmp_path: Path, emb: Any, model_dir: Path, plain: CrossEncoder,
+                                         monkeypatch: pytest.MonkeyPatch, deadline_ms: float | None) -> None:
+    cached = CrossEncoder(model_dir, threads=1, cache_bytes=1 << 20)
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=plain)
+    col.add(texts(12, 60, words=25))
+    col.close()
+    reference = Collection.open(tmp_path / "col", embedder=emb, reranker=plain)
+    col = Collection.open(tmp_path / "col", embedder=emb, reranker=cached)
+    for query in ("first search", "second search"):
+        want = reference.search(query, k=10, candidates=30, deadline_ms=deadline_ms)
+        counter = RowCounter(monkeypatch)
+        miss = col.search(query, k=10, candidates=30, deadline_ms=deadline_ms)
+        assert counter.rows == 30
+        hit = col.search(query, k=10, candidates=30, deadline_ms=deadline_ms)
+        assert counter.rows == 30  # the repeat scored nothing
+        assert [(h.id, h.score, h.truncated) for h in hit.hits] == [(h.id, h.score, h.truncated) for h in miss.hits]
+        assert hit.ids() == want.ids() and not hit.degraded
+        np.testing.assert_allclose([h.score for h in hit.hits], [h.score for h in want.hits], rtol=1e-6, atol=1e-6)
+        monkeypatch.undo()
+    s = cached.cache_stats()
+    assert s is not None and (s.hits, s.misses) == (60, 60)
+    col.close()
+    reference.close()
+
+
 # --- the server -----------------------------------------------------------------------------------
 
 fastapi = pytest.importorskip("fastapi")
