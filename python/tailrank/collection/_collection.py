@@ -773,7 +773,7 @@ class Collection:
                 index, store, fresh = self._index, self._store, self._fresh
                 t = time.perf_counter()
                 # The fused call assembles every candidate; a score cache wants the tokens first.
-                if do_rerank and deadline is None and fresh.count == 0 and rr.score_cache is None:
+                if do_rerank and rr is not None and rr.score_cache is None and deadline is None and fresh.count == 0:
                     assert rr is not None and store is not None and q_tok is not None
                     keys, first, assembly = retrieve_and_assemble(
                         index, store, rr.batcher(), qvec, q_tok, k=candidates, ef=ef, allow=allow
