@@ -427,3 +427,43 @@ def test_cli_refuses_a_negative_cache_size(model_dir: Path, capsys: pytest.Captu
 
     assert main(["serve", "--reranker", str(model_dir), "--score-cache-bytes", "-5"]) == 2
     assert "--score-cache-bytes must be >= 0" in capsys.readouterr().err
+
+
+class CutScoring:
+    """The real model, whose scoring can leave every other pair of a round unscored (NaN), as a
+    deadline would, but decided by a flag instead of a clock."""
+
+    def __init__(self, ce: CrossEncoder) -> None:
+        self.ce = ce
+        self.cut = False
+        self.max_length, self.n_labels, self.batch_tokens = ce.max_length, ce.n_labels, ce.batch_tokens
+        self.score_fingerprint = ce.score_fingerprint
+
+    def __getattr__(self, name: str) -> Any:  # batcher, tokenize, document_tokens, scores_from_logits
+        return getattr(self.ce, name)
+
+    def score_assembly(self, assembly: Any, *, deadline: float | None = None) -> Any:
+        logits, scored = self.ce.score_assembly(assembly, deadline=deadline)
+        if self.cut:
+            logits[::2] = np.nan
+            scored[::2] = False
+        return logits, scored
+
+
+def test_server_stores_only_scored_pairs_of_a_degraded_answer(plain: CrossEncoder) -> None:
+    model = CutScoring(plain)
+    docs = texts(13, 20, words=20)
+    body = {"query": "cut short", "texts": docs}
+    with serving(model) as (c, jobs):
+        model.cut = True
+        r = c.post("/rerank", json=body)
+        assert r.headers["X-Tailrank-Degraded"] == "true"
+        stats = c.app.state.tailrank.score_cache.cache.stats()  # type: ignore[attr-defined]
+        assert (stats.entries, stats.misses, stats.hits) == (10, 20, 0)  # the NaN rows were not kept
+        model.cut = False
+        r2 = c.post("/rerank", json=body)
+        assert r2.headers["X-Tailrank-Degraded"] == "false"
+        assert jobs == [20, 10]  # the repeat queued only the pairs left unscored
+    first = {x["index"]: x["score"] for x in r.json() if x["score"] is not None}
+    second = {x["index"]: x["score"] for x in r2.json()}
+    assert len(first) == 10 and all(second[i] == s for i, s in first.items())  # hits: the same floats
