@@ -21,6 +21,8 @@ process, measured in the same run.
    real ScoreCache (64 MiB, and 4 MiB to show LRU eviction) on the real token ids, no model; with
    the measured hit and miss times of step 1 this gives the steady-state throughput a loaded
    machine's short run cannot reach (labelled as derived, not measured).
+4. Overhead: what the cache adds to a request that misses entirely (hash 100 keys, look them up,
+   store 100 logits), and what a hit costs in the cache itself, ``--hit-repeats`` times.
 Writes ``cache.json`` and ``cache.md`` under ``--out``.
 """
 
@@ -174,6 +176,27 @@ def steady_state(args: argparse.Namespace, requests: list[tuple[str, list[str]]]
     return rows
 
 
+def overhead(args: argparse.Namespace, query: str, docs: list[str]) -> dict[str, Any]:
+    from tailrank import ScoreCache
+    from tailrank._score_cache import pair_keys
+
+    ce = CrossEncoder(args.model, threads=args.threads)
+    (q_ids,) = ce.tokenize([query])
+    toks = ce.document_tokens(docs, q_ids.size)
+    logits = np.zeros((len(docs), 1), np.float32)
+
+    def miss() -> None:
+        cache = ScoreCache(64 << 20, 1)
+        found = cache.lookup(pair_keys(ce.score_fingerprint, [q_ids], None, toks))
+        cache.store_misses(found, logits)
+
+    warm = ScoreCache(64 << 20, 1)
+    warm.store(pair_keys(ce.score_fingerprint, [q_ids], None, toks), logits)
+    hit = timed(lambda: warm.lookup(pair_keys(ce.score_fingerprint, [q_ids], None, toks)), args.hit_repeats)
+    return {"pairs": len(docs), "tokens": int(sum(t.size for t in toks)),
+            "miss_overhead": pct_ms(timed(miss, args.hit_repeats)), "hit_lookup": pct_ms(hit)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -187,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hit-repeats", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--phases", default="hit,zipf,steady,overhead", help="comma-separated subset to run")
     args = p.parse_args(argv)
+    phases = set(args.phases.split(","))
 
     env = environment()
     corpus = load_corpus(args.data)
@@ -196,15 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     requests = [(text, [corpus.texts[i] for i in sample_candidates(len(corpus.texts), args.candidates, rng)])
                 for _, text in claims]
     print(environment_line(env), flush=True)
-    print("hit vs miss ...", flush=True)
-    hm = hit_vs_miss(args, *requests[0])
-    print("zipf mix ...", flush=True)
-    zm = zipf_mix(args, requests)
-    print("steady state ...", flush=True)
-    ss = steady_state(args, requests, hm)
+    hm = hit_vs_miss(args, *requests[0]) if "hit" in phases else []
+    zm = zipf_mix(args, requests) if "zipf" in phases else []
+    ss = steady_state(args, requests, hm) if "steady" in phases and hm else []
+    oh = overhead(args, *requests[0]) if "overhead" in phases else None
     load_end = [round(x, 2) for x in os.getloadavg()]
     payload = {"environment": env, "loadavg_at_end": load_end, "args": vars(args), "hit_vs_miss": hm, "zipf": zm,
-               "steady_state": ss}
+               "steady_state": ss, "overhead": oh}
     write_json(Path(args.out) / "cache.json", payload)
     t1 = markdown_table(
         ["path", "miss p50 ms", "miss p99 ms", "hit p50 ms", "hit p99 ms", "speed-up (p50)"],
@@ -223,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     md = (f"{environment_line(env)}; load average at start {env['loadavg_at_start']}, at end {load_end}\n\n"
           f"{t1}\n\n{t2}\n\n{t3}\n")
+    if oh is not None:
+        md += (f"\ncache work per {oh['pairs']}-pair request ({oh['tokens']} document tokens): all-miss "
+               f"p50 {oh['miss_overhead']['p50_ms']:.3f} ms (p99 {oh['miss_overhead']['p99_ms']:.3f}), "
+               f"all-hit lookup p50 {oh['hit_lookup']['p50_ms']:.3f} ms (p99 {oh['hit_lookup']['p99_ms']:.3f})\n")
     write_text(Path(args.out) / "cache.md", md)
     print(md)
     return 0
