@@ -81,7 +81,7 @@ def hit_vs_miss(args: argparse.Namespace, query: str, docs: list[str]) -> list[d
     async def serve(cache_bytes: int, n: int) -> list[float]:
         import httpx
 
-        app = create_app(off, score_cache_bytes=cache_bytes, scoring_nice=0)
+        app = create_app(off, score_cache_bytes=cache_bytes, scoring_nice=0)  # same priority as the library rows
         async with app.router.lifespan_context(app):
             await asyncio.to_thread(app.state.tailrank.scheduler.wait_ready, 120)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
