@@ -772,7 +772,8 @@ class Collection:
             else:
                 index, store, fresh = self._index, self._store, self._fresh
                 t = time.perf_counter()
-                if do_rerank and deadline is None and fresh.count == 0:
+                # The fused call assembles every candidate; a score cache wants the tokens first.
+                if do_rerank and rr is not None and rr.score_cache is None and deadline is None and fresh.count == 0:
                     assert rr is not None and store is not None and q_tok is not None
                     keys, first, assembly = retrieve_and_assemble(
                         index, store, rr.batcher(), qvec, q_tok, k=candidates, ef=ef, allow=allow
@@ -788,15 +789,22 @@ class Collection:
             return build_result(keys, first, info, [], None, None, False, timings, t0, k)
         assert rr is not None and q_tok is not None
         if assembly is not None or deadline is None:
-            if assembly is None:
+            if assembly is None and rr.score_cache is not None:
                 assert docs is not None
                 t = time.perf_counter()
-                assembly = rr.batcher().assemble(q_tok, docs)
-                timings["assemble"] = ms(t)
-            t = time.perf_counter()
-            logits, scored = rr.score_assembly(assembly)
-            timings["score"] = ms(t)
-            truncated = assembly.truncated
+                logits, truncated = rr.score_tokens(q_tok, docs)  # hits from the cache, misses scored
+                timings["score"] = ms(t)
+                scored = np.ones(len(docs), dtype=bool)
+            else:
+                if assembly is None:
+                    assert docs is not None
+                    t = time.perf_counter()
+                    assembly = rr.batcher().assemble(q_tok, docs)
+                    timings["assemble"] = ms(t)
+                t = time.perf_counter()
+                logits, scored = rr.score_assembly(assembly)
+                timings["score"] = ms(t)
+                truncated = assembly.truncated
         else:
             assert docs is not None
             logits, scored, truncated = score_by_deadline(rr, q_tok, docs, deadline, timings)

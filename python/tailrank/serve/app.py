@@ -30,8 +30,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
+from .._score_cache import CacheLookup
+from .._validate import positive_int
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .scheduler import BatchFailed, Job, JobResult, Rejected, Reranker, Scheduler
+from .score_cache import DEFAULT_SCORE_CACHE_BYTES, RequestCache
 from .schemas import (
     CohereRerankRequest,
     ErrorBody,
@@ -249,6 +252,7 @@ class _Prepared:
     docs: list[npt.NDArray[np.int32]]
     lengths: npt.NDArray[np.int64]
     seconds: float  # time the tokenization itself took (without waiting for the thread)
+    cached: CacheLookup | None = None  # the score cache's hits and misses (None: no cache)
 
 
 @dataclass
@@ -262,6 +266,7 @@ class _Server:
     model_name: str
     tokenize_pool: ThreadPoolExecutor
     collection: Any = None
+    score_cache: RequestCache | None = None
     search_pool: ThreadPoolExecutor | None = None
     pending_searches: int = 0
     chars_per_token: float = _CHARS_PER_TOKEN
@@ -345,7 +350,8 @@ class _Server:
                 query_index[i] = variants[kq]
                 docs[i] = docs[i][docs[i].size - kd :]
         lengths = np.minimum(raw, body) + n_special
-        return _Prepared(queries, query_index, docs, lengths, time.perf_counter() - t0)
+        cached = None if self.score_cache is None else self.score_cache.lookup(queries, query_index, docs)
+        return _Prepared(queries, query_index, docs, lengths, time.perf_counter() - t0, cached)
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -380,13 +386,25 @@ class _Server:
         if tokens > self.limits.max_request_tokens:
             self._limit(f"the request is {tokens} tokens after truncation; the limit is "
                         f"{self.limits.max_request_tokens} (--max-request-tokens)")
-        job = Job(prep.queries, prep.query_index, prep.docs, prep.lengths, deadline, self.model.n_labels)
-        try:
-            fut = self.scheduler.submit(job, asyncio.get_running_loop())
-        except Rejected as e:
-            self.metrics.rejections.labels(e.reason).inc()
-            raise _error_of(e) from None
-        result = await self._wait(request, job, fut, deadline)
+        found = prep.cached
+        if found is not None and found.all_hit:  # every pair cached: nothing to queue
+            assert self.score_cache is not None
+            result = self.score_cache.finish(found, None)
+        else:
+            pairs = (prep.query_index, prep.docs, prep.lengths)
+            if found is not None:
+                m = RequestCache.misses(found, *pairs)
+                pairs = (m.query_index, m.docs, m.lengths)
+            job = Job(prep.queries, *pairs, deadline, self.model.n_labels)
+            try:
+                fut = self.scheduler.submit(job, asyncio.get_running_loop())
+            except Rejected as e:
+                self.metrics.rejections.labels(e.reason).inc()
+                raise _error_of(e) from None
+            result = await self._wait(request, job, fut, deadline)
+            if found is not None:
+                assert self.score_cache is not None
+                result = self.score_cache.finish(found, result)
         self.metrics.stage_seconds.labels("score").observe(result.score_s)
         if result.degraded:
             self.metrics.degraded.inc()
@@ -468,6 +486,7 @@ def create_app(
     round_hook: Callable[[list[Job]], None] | None = None,
     scoring_nice: Priority = SCORING_NICE,
     gil_switch_interval_s: float | None = GIL_SWITCH_INTERVAL_S,
+    score_cache_bytes: int = DEFAULT_SCORE_CACHE_BYTES,
 ) -> FastAPI:
     """Builds the server's ASGI app.
 
@@ -495,12 +514,19 @@ def create_app(
         gil_switch_interval_s: ``sys.setswitchinterval`` while the app runs (restored at
             shutdown): how long the loop may wait for the GIL behind another thread's Python
             code. None leaves the process's setting.
+        score_cache_bytes: Size of the score cache (default 64 MiB; 0: off). Pairs scored before
+            (same query and document token ids) are answered from it without queueing, exactly
+            as scored; a ``reranker`` built with its own cache (``cache_bytes``/``score_cache``)
+            shares that one instead. Needs the model's ``score_fingerprint``.
     """
     from ..cross_encoder import CrossEncoder
 
     scoring_nice = check_priority(scoring_nice, "scoring_nice")
+    score_cache_bytes = positive_int(score_cache_bytes, "score_cache_bytes", minimum=0)
     if isinstance(reranker, (str, os.PathLike)):
-        reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice)
+        # The cache lives on the model, so a collection opened with it reaches the same one.
+        reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice,
+                                cache_bytes=score_cache_bytes)
     model: Reranker = reranker
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
@@ -523,7 +549,9 @@ def create_app(
                                        initializer=lower_thread_priority,
                                        initargs=(_tokenize_nice(scoring_nice),))
     server = _Server(model, scheduler, metrics, limits, float(default_deadline_ms), auto_truncate, name,
-                     tokenize_pool, collection)
+                     tokenize_pool, collection, RequestCache.for_model(model, score_cache_bytes))
+    if server.score_cache is not None:
+        metrics.watch_score_cache(server.score_cache.cache.stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
