@@ -109,7 +109,8 @@ def unigram_tokenizer(seed: int = 0) -> Any:
     return tok
 
 
-def deberta_v3_tokenizer(seed: int = 0, *, model_max_length: int = 512) -> Any:
+def deberta_v3_tokenizer(seed: int = 0, *, model_max_length: int = 512, texts: list[str] | None = None,
+                         vocab_size: int = 300) -> Any:
     """DeBERTa-v3's layout: transformers' own ``DebertaV2Tokenizer`` (SentencePiece-style Unigram,
     Metaspace, ``[CLS] A [SEP] B [SEP]`` with token types 0 then 1) over a Unigram vocabulary
     trained here, with [PAD] [CLS] [SEP] [UNK] at ids 0-3 and [MASK] last, as in DeBERTa-v3."""
@@ -120,9 +121,10 @@ def deberta_v3_tokenizer(seed: int = 0, *, model_max_length: int = 512) -> Any:
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]", show_progress=False,
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]",
+        show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
     vocab = [(str(p), float(score)) for p, score in json.loads(tok.to_str())["model"]["vocab"]] + [("[MASK]", 0.0)]
     return tf.DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=model_max_length)
 
@@ -130,7 +132,8 @@ def deberta_v3_tokenizer(seed: int = 0, *, model_max_length: int = 512) -> Any:
 MODERNBERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 
 
-def modernbert_tokenizer(seed: int = 0, *, model_max_length: int = 8192) -> Any:
+def modernbert_tokenizer(seed: int = 0, *, model_max_length: int = 8192, texts: list[str] | None = None,
+                         vocab_size: int = 500) -> Any:
     """ModernBERT's layout: a byte-level BPE (OLMo-style, trained here) with [UNK] [CLS] [SEP]
     [PAD] [MASK] added after the learned vocabulary, ``[CLS] A [SEP] B [SEP]`` without token
     types (model inputs ``input_ids`` and ``attention_mask``)."""
@@ -141,10 +144,10 @@ def modernbert_tokenizer(seed: int = 0, *, model_max_length: int = 8192) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|padding|>"],
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
     tok.add_special_tokens(list(MODERNBERT_SPECIALS))
     vocab = tok.get_vocab()
     tok.post_processor = processors.TemplateProcessing(
@@ -175,7 +178,7 @@ MODERNBERT_LOCAL_ATTENTION = 16
 MAX_POSITIONS = 64
 
 
-def _config(family: str, vocab_size: int, num_labels: int) -> Any:
+def _config(family: str, vocab_size: int, num_labels: int, sizes: dict[str, Any] | None = None) -> Any:
     import transformers as tf
 
     common: dict[str, Any] = {"num_labels": num_labels, "vocab_size": vocab_size}
@@ -210,22 +213,24 @@ def _config(family: str, vocab_size: int, num_labels: int) -> Any:
         )
     if family.startswith("deberta"):
         v3 = family == "deberta-v3"
-        return tf.DebertaV2Config(
+        fields: dict[str, Any] = dict(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=MAX_POSITIONS, type_vocab_size=0 if v3 else 2, relative_attention=True,
             position_biased_input=not v3, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
             position_buckets=16 if v3 else -1, norm_rel_ebd="layer_norm" if v3 else "none", share_att_key=v3,
-            conv_kernel_size=0 if v3 else 3, conv_act="gelu", pad_token_id=0, initializer_range=init, **common,
+            conv_kernel_size=0 if v3 else 3, conv_act="gelu", pad_token_id=0, initializer_range=init,
         )
+        return tf.DebertaV2Config(**(fields | (sizes or {})), **common)
     if family.startswith("modernbert"):
         ids = _modernbert_ids(vocab_size)
-        return tf.ModernBertConfig(
+        fields = dict(
             hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=8192, local_attention=MODERNBERT_LOCAL_ATTENTION, global_attn_every_n_layers=3,
             classifier_pooling="mean" if family == "modernbert-mean" else "cls", pad_token_id=ids["[PAD]"],
             cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], bos_token_id=ids["[CLS]"],
-            eos_token_id=ids["[SEP]"], initializer_range=init, **common,
+            eos_token_id=ids["[SEP]"], initializer_range=init,
         )
+        return tf.ModernBertConfig(**(fields | (sizes or {})), **common)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -252,24 +257,30 @@ def _tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
 
 
 def build_checkpoint(family: str, out_dir: Path, *, num_labels: int = 1, seed: int = 0,
-                     model_max_length: int | None = None) -> Path:
+                     model_max_length: int | None = None, sizes: dict[str, Any] | None = None,
+                     texts: list[str] | None = None, vocab_size: int | None = None) -> Path:
     """Writes a seeded random ``<Family>ForSequenceClassification`` checkpoint with its tokenizer
-    (``model_max_length`` default: 8192 for ModernBERT, as its checkpoints have it, else 512)."""
+    (``model_max_length`` default: 8192 for ModernBERT, as its checkpoints have it, else 512).
+
+    For the families of NEW_FAMILIES (the benchmark builds larger ones), ``sizes`` overrides config
+    fields (hidden_size, num_hidden_layers, ...) and the tokenizer is trained on ``texts`` (default:
+    the seeded :func:`corpus`) with ``vocab_size`` pieces."""
     import torch
     import transformers as tf
 
     tf.utils.logging.disable_progress_bar()
     if family.startswith("deberta"):
-        hf_tok = deberta_v3_tokenizer(model_max_length=model_max_length or 512)
-        vocab_size = len(hf_tok)
+        hf_tok = deberta_v3_tokenizer(model_max_length=model_max_length or 512, texts=texts, vocab_size=vocab_size or 300)
+        n_vocab = len(hf_tok)
     elif family.startswith("modernbert"):
-        hf_tok = modernbert_tokenizer(model_max_length=model_max_length or 8192)
-        vocab_size = len(hf_tok)
+        hf_tok = modernbert_tokenizer(model_max_length=model_max_length or 8192, texts=texts,
+                                      vocab_size=vocab_size or 500)
+        n_vocab = len(hf_tok)
     else:
         tok, tok_kwargs = _tokenizer(family)
         hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length or 512, **tok_kwargs)
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    config = _config(family, vocab_size, num_labels)
+        n_vocab = tok.get_vocab_size(with_added_tokens=True)
+    config = _config(family, n_vocab, num_labels, sizes)
     torch.manual_seed(seed)
     model = tf.AutoModelForSequenceClassification.from_config(config)
     model.eval()
