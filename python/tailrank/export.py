@@ -36,17 +36,23 @@ TOKENIZER_FILES = (
     "merges.txt",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "spm.model",
     "tokenizer.model",
 )
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Texts of different lengths for the parity check; shapes differ from the tracing sample on purpose
 # so that a trace that froze a shape fails the check.
+# The long pair (~300 tokens) outgrows a local-attention window (ModernBERT's is 128 tokens), so
+# a trace that got sliding-window masking wrong fails the check too.
 _CHECK_PAIRS = (
     ("what is the role of insulin?", "Insulin is a hormone that regulates glucose levels in the blood."),
     ("a", ""),
     ("protein binding", "The receptor binds the protein " * 6),
+    ("receptor", "The receptor binds the protein and the cell responds " * 30),
 )
+# Longest check pair: long enough for the long pair above, short enough to export quickly.
+_CHECK_LENGTH = 512
 _TRACE_PAIRS = (("query", "a short document"), ("another query here", "document"))
 _CHECK_TEXTS = (
     "Insulin is a hormone that regulates glucose levels in the blood.",
@@ -79,7 +85,9 @@ def export(
 
     For a cross-encoder the graph takes ``input_ids``, ``attention_mask`` and, where the model and
     its tokenizer use them, ``token_type_ids`` (int64, dynamic batch and sequence axes) and returns
-    ``logits`` [batch, num_labels]. The tokenizer and config files are copied alongside. The export
+    ``logits`` [batch, num_labels]. An input the model ignores (token types of a DeBERTa with
+    ``type_vocab_size`` 0) is left out of the graph by the exporter; the graph's declared inputs are
+    what every later step feeds. The tokenizer and config files are copied alongside. The export
     is checked against the PyTorch forward pass with ONNX Runtime and refused if any output value
     differs by more than ``tolerance``. ``out_dir`` appears complete or not at all (written to a
     temporary directory, then renamed).
@@ -111,10 +119,10 @@ def export(
         "AutoModelForSequenceClassification", src, "logits", "text cross-encoder",
         f"cannot load {src} as a transformers sequence-classification model",
     )
-    max_length = min(128, default_max_length(wrapper.inner.config.to_dict(), {}))
-    sample = _encode(tokenizer, _TRACE_PAIRS, names, max_length)
+    max_length = default_max_length(wrapper.inner.config.to_dict(), {})
+    sample = _encode(tokenizer, _TRACE_PAIRS, names, min(128, max_length))
 
-    checks = [_encode(tokenizer, chunk, names, max_length) for chunk in _check_chunks(_CHECK_PAIRS)]
+    checks = [_encode(tokenizer, chunk, names, min(_CHECK_LENGTH, max_length)) for chunk in _check_chunks(_CHECK_PAIRS)]
     with atomic_output_dir(out_dir, force=force) as tmp:
         _write_graph(tmp, wrapper, names, "logits", sample, checks, opset, tolerance, per_token=False)
         _copy_tokenizer(tokenizer, src, src, tmp)
@@ -318,10 +326,16 @@ def _check_parity(
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
         raise ModelError(f"ONNX Runtime cannot load the exported graph: {e}") from e
+    declared = {i.name for i in session.get_inputs()}
+    missing = sorted({"input_ids", "attention_mask"} - declared)
+    if missing:
+        raise ModelError(f"the exported graph has no {missing} input(s); it takes {sorted(declared)}")
     worst = 0.0
     for feed in feeds:
         try:
-            (got,) = session.run([output], feed)
+            # PyTorch gets every input below; the graph only those it declares (the exporter drops
+            # inputs that do not reach the output).
+            (got,) = session.run([output], {n: a for n, a in feed.items() if n in declared})
         except Exception as e:
             raise ModelError(f"the exported graph fails on a sample batch: {e}") from e
         with torch.no_grad():

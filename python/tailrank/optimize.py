@@ -143,7 +143,10 @@ def _fuse(src: Path, config: dict[str, Any]) -> Any:
     hidden = config.get("hidden_size", config.get("dim", 0))
     try:
         # model_type "bert" covers the encoder families we export (BERT, DistilBERT, ELECTRA,
-        # RoBERTa, XLM-R): the fusion patterns are the same.
+        # RoBERTa, XLM-R): the fusion patterns are the same. ONNX Runtime has no optimizer for
+        # DeBERTa (disentangled attention) or ModernBERT (RoPE, local windows): on their graphs
+        # the attention pattern does not match and only the generic fusions apply (SkipLayerNorm,
+        # LayerNorm, Gelu), which the fidelity check below verifies like any other.
         return optimize_model(str(src), model_type="bert", num_heads=int(heads), hidden_size=int(hidden))
     except Exception as e:  # the optimizer raises whatever its passes raise
         raise ModelError(f"ONNX Runtime's transformer optimizer failed on {src}: {e}") from e

@@ -109,15 +109,76 @@ def unigram_tokenizer(seed: int = 0) -> Any:
     return tok
 
 
+def deberta_v3_tokenizer(seed: int = 0, *, model_max_length: int = 512, texts: list[str] | None = None,
+                         vocab_size: int = 300) -> Any:
+    """DeBERTa-v3's layout: transformers' own ``DebertaV2Tokenizer`` (SentencePiece-style Unigram,
+    Metaspace, ``[CLS] A [SEP] B [SEP]`` with token types 0 then 1) over a Unigram vocabulary
+    trained here, with [PAD] [CLS] [SEP] [UNK] at ids 0-3 and [MASK] last, as in DeBERTa-v3."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    import transformers as tf
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]",
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
+    vocab = [(str(p), float(score)) for p, score in json.loads(tok.to_str())["model"]["vocab"]] + [("[MASK]", 0.0)]
+    return tf.DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=model_max_length)
+
+
+MODERNBERT_SPECIALS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+
+
+def modernbert_tokenizer(seed: int = 0, *, model_max_length: int = 8192, texts: list[str] | None = None,
+                         vocab_size: int = 500) -> Any:
+    """ModernBERT's layout: a byte-level BPE (OLMo-style, trained here) with [UNK] [CLS] [SEP]
+    [PAD] [MASK] added after the learned vocabulary, ``[CLS] A [SEP] B [SEP]`` without token
+    types (model inputs ``input_ids`` and ``attention_mask``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    import transformers as tf
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts if texts is not None else corpus(seed), trainer=trainer)
+    tok.add_special_tokens(list(MODERNBERT_SPECIALS))
+    vocab = tok.get_vocab()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:0 [SEP]:0",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, unk_token="[UNK]", sep_token="[SEP]",
+        pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
+    )
+
+
 # --- models ---------------------------------------------------------------------------------
 
 FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta")
+# The families of issue 16, kept apart from FAMILIES (whose parametrization the OpenVINO venv runs):
+# deberta-v3: mxbai-rerank-v1's layout (relative attention with position buckets, no absolute
+# positions, type_vocab_size 0: the graph has no token_type_ids); deberta-v2-types: DeBERTa-v2
+# with absolute positions, a convolution layer and token types (type_vocab_size 2); modernbert:
+# gte-reranker-modernbert's layout (RoPE, alternating global and local attention, CLS pooling)
+# with a 16-token local window so short texts already cross it; modernbert-mean: mean pooling.
+NEW_FAMILIES = ("deberta-v3", "deberta-v2-types", "modernbert", "modernbert-mean")
+# ModernBERT's local window here: sequences longer than this exercise sliding-window attention.
+MODERNBERT_LOCAL_ATTENTION = 16
 
 # Positions: small enough that the test texts get truncated.
 MAX_POSITIONS = 64
 
 
-def _config(family: str, vocab_size: int, num_labels: int) -> Any:
+def _config(family: str, vocab_size: int, num_labels: int, sizes: dict[str, Any] | None = None) -> Any:
     import transformers as tf
 
     common: dict[str, Any] = {"num_labels": num_labels, "vocab_size": vocab_size}
@@ -150,7 +211,33 @@ def _config(family: str, vocab_size: int, num_labels: int) -> Any:
             max_position_embeddings=MAX_POSITIONS + 2, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
             eos_token_id=2, initializer_range=init, **common,
         )
+    if family.startswith("deberta"):
+        v3 = family == "deberta-v3"
+        fields: dict[str, Any] = dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=MAX_POSITIONS, type_vocab_size=0 if v3 else 2, relative_attention=True,
+            position_biased_input=not v3, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+            position_buckets=16 if v3 else -1, norm_rel_ebd="layer_norm" if v3 else "none", share_att_key=v3,
+            conv_kernel_size=0 if v3 else 3, conv_act="gelu", pad_token_id=0, initializer_range=init,
+        )
+        return tf.DebertaV2Config(**(fields | (sizes or {})), **common)
+    if family.startswith("modernbert"):
+        ids = _modernbert_ids(vocab_size)
+        fields = dict(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=8192, local_attention=MODERNBERT_LOCAL_ATTENTION, global_attn_every_n_layers=3,
+            classifier_pooling="mean" if family == "modernbert-mean" else "cls", pad_token_id=ids["[PAD]"],
+            cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], bos_token_id=ids["[CLS]"],
+            eos_token_id=ids["[SEP]"], initializer_range=init,
+        )
+        return tf.ModernBertConfig(**(fields | (sizes or {})), **common)
     raise ValueError(f"unknown family {family!r}")
+
+
+def _modernbert_ids(vocab_size: int) -> dict[str, int]:
+    """The ids of MODERNBERT_SPECIALS: the last ids of the vocabulary, in order."""
+    first = vocab_size - len(MODERNBERT_SPECIALS)
+    return {t: first + i for i, t in enumerate(MODERNBERT_SPECIALS)}
 
 
 def _tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
@@ -170,15 +257,30 @@ def _tokenizer(family: str) -> tuple[Any, dict[str, Any]]:
 
 
 def build_checkpoint(family: str, out_dir: Path, *, num_labels: int = 1, seed: int = 0,
-                     model_max_length: int = 512) -> Path:
-    """Writes a seeded random ``<Family>ForSequenceClassification`` checkpoint with its tokenizer."""
+                     model_max_length: int | None = None, sizes: dict[str, Any] | None = None,
+                     texts: list[str] | None = None, vocab_size: int | None = None) -> Path:
+    """Writes a seeded random ``<Family>ForSequenceClassification`` checkpoint with its tokenizer
+    (``model_max_length`` default: 8192 for ModernBERT, as its checkpoints have it, else 512).
+
+    For the families of NEW_FAMILIES (the benchmark builds larger ones), ``sizes`` overrides config
+    fields (hidden_size, num_hidden_layers, ...) and the tokenizer is trained on ``texts`` (default:
+    the seeded :func:`corpus`) with ``vocab_size`` pieces."""
     import torch
     import transformers as tf
 
     tf.utils.logging.disable_progress_bar()
-    tok, tok_kwargs = _tokenizer(family)
-    hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **tok_kwargs)
-    config = _config(family, tok.get_vocab_size(with_added_tokens=True), num_labels)
+    if family.startswith("deberta"):
+        hf_tok = deberta_v3_tokenizer(model_max_length=model_max_length or 512, texts=texts, vocab_size=vocab_size or 300)
+        n_vocab = len(hf_tok)
+    elif family.startswith("modernbert"):
+        hf_tok = modernbert_tokenizer(model_max_length=model_max_length or 8192, texts=texts,
+                                      vocab_size=vocab_size or 500)
+        n_vocab = len(hf_tok)
+    else:
+        tok, tok_kwargs = _tokenizer(family)
+        hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length or 512, **tok_kwargs)
+        n_vocab = tok.get_vocab_size(with_added_tokens=True)
+    config = _config(family, n_vocab, num_labels, sizes)
     torch.manual_seed(seed)
     model = tf.AutoModelForSequenceClassification.from_config(config)
     model.eval()
@@ -205,6 +307,30 @@ def reference_logits(hf_dir: Path, pairs: list[tuple[str, str]], max_length: int
     finally:
         torch.set_num_threads(threads)
     return np.stack(rows) if rows else np.zeros((0, model.config.num_labels))
+
+
+def model_card_logits(hf_dir: Path, pairs: list[tuple[str, str]], max_length: int, *, batch_size: int = 8,
+                      config_overrides: dict[str, Any] | None = None) -> Any:
+    """Logits the way rerankers' model cards compute them (gte-reranker-modernbert, mxbai-rerank
+    with transformers): AutoModelForSequenceClassification with its default attention, and the
+    tokenizer's pair encoding of a padded batch (``padding=True, truncation=True``).
+    ``config_overrides`` change the loaded config (to show that a setting matters)."""
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    tf.utils.logging.disable_progress_bar()
+    tok = tf.AutoTokenizer.from_pretrained(hf_dir)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(hf_dir, **(config_overrides or {}))
+    model.eval()
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            enc = tok([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
+                      max_length=max_length, return_tensors="pt")
+            rows.append(model(**enc).logits.double().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, model.config.num_labels))
 
 
 def _forward_each(tok: Any, model: Any, pairs: list[tuple[str, str]], max_length: int) -> list[Any]:
