@@ -292,6 +292,32 @@ def test_malformed_requests_get_4xx(ce: CrossEncoder, body: bytes, headers: dict
         assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
+def test_strings_the_core_cannot_encode_get_4xx_naming_the_field(ce: CrossEncoder, path: str) -> None:
+    """Lone surrogates are valid JSON (``"\\ud800"``) but not Unicode: 422 naming the field, in both
+    dialects and /search; NUL is an ordinary character; an oversized string is 413."""
+    coll = FakeCollection()
+    with client(create_app(ce, collection=coll, limits=Limits(max_query_chars=50))) as c:
+        cases = [
+            (b'{"query": "q\\ud800", "texts": ["a"]}', "the query"),
+            (b'{"query": "q", "texts": ["a", "b\\udfff c"]}', "texts[1]"),
+            (b'{"query": "\\udc00", "documents": ["a"]}', "the query"),
+            (b'{"query": "q", "documents": ["a", {"text": "\\ud800"}]}', "documents[1]"),
+            (b'{"query": "q", "documents": [{"t": "\\ud800x"}], "rank_fields": ["t"]}', "documents[0]"),
+        ]
+        for body, field_name in cases:
+            r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (body, r.status_code, r.text)
+            assert field_name in r.json()["detail"] and "lone surrogate" in r.json()["detail"], r.text
+        r = c.post("/search", content=b'{"query": "x\\ud800"}', headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "the query" in r.json()["detail"], r.text
+        assert coll.calls == []  # refused before the collection saw it
+        r = c.post(path, json={"query": "q\x00", "texts": ["a\x00b"]})
+        assert r.status_code == 200 and len(r.json()) == 1, r.text
+        r = c.post(path, json={"query": "q" * 51, "texts": ["a"]})
+        assert r.status_code == 413 and "the query has 51 characters" in r.json()["detail"], r.text
+
+
 # --- scheduling: overload, failures, deadlines, batching ---------------------------------------
 
 

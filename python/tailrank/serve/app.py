@@ -26,13 +26,17 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
+from .._validate import check_text
+from ..errors import LimitError
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .scheduler import BatchFailed, Job, JobResult, Rejected, Reranker, Scheduler
 from .schemas import (
+    MAX_DEADLINE_MS,
     CohereRerankRequest,
     ErrorBody,
     RerankRequest,
@@ -54,7 +58,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 _RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
 _PUBLIC_PATHS = frozenset({"/health"})
-_MAX_DEADLINE_MS = 600_000.0
 # Priority of the scoring threads below the event loop: while they hold every CPU, the loop
 # still gets one at once to read, admit or refuse a request (a 429 in milliseconds, not after a
 # batch). SCHED_IDLE rather than a nice value: a loop woken while niced threads hold both CPUs
@@ -115,12 +118,18 @@ class ServeError(Exception):
 
 
 def _error_of(e: Exception) -> ServeError:
-    """Maps an exception of the serving path to its HTTP answer."""
+    """Maps an exception of the serving path to its HTTP answer (and counts refusals)."""
     if isinstance(e, ServeError):
         return e
     if isinstance(e, Rejected):
         retry = max(1, math.ceil(e.retry_after_s))
         return ServeError(e.status, str(e), e.reason, {"Retry-After": str(retry)})
+    if isinstance(e, RequestValidationError):  # the body or a header does not fit the schema
+        where = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', '')}"
+                          for err in e.errors()[:5])
+        return ServeError(422, f"invalid request: {where}", "validation")
+    if isinstance(e, LimitError):
+        return ServeError(413, str(e), "limit")
     if isinstance(e, BatchFailed):
         return ServeError(500, f"the model failed on a batch holding this request: {e}", "model_error")
     if isinstance(e, (ValueError, TypeError)):  # bad input to the collection (e.g. a filter)
@@ -130,6 +139,10 @@ def _error_of(e: Exception) -> ServeError:
 
 def _error_response(err: ServeError) -> JSONResponse:
     return JSONResponse({"detail": str(err), "error_type": err.error_type}, err.status, headers=err.headers)
+
+
+_TIMEOUT_HEADER = Header(default=None, gt=0, le=MAX_DEADLINE_MS,
+                         description="Deadline in milliseconds (overrides the body's deadline_ms)")
 
 
 def _ms(seconds: float) -> str:
@@ -272,34 +285,32 @@ class _Server:
 
     # -- request checks ---------------------------------------------------------------------
 
-    def deadline_ms(self, header: str | None, body_ms: float | None) -> float:
-        value: float | None = body_ms
-        if header is not None:
-            try:
-                value = float(header)
-            except ValueError:
-                raise ServeError(422, f"X-Request-Timeout-Ms must be a number of milliseconds, got {header!r}",
-                                 "validation") from None
+    def deadline_ms(self, header: float | None, body_ms: float | None) -> float:
+        value = body_ms if header is None else header
         if value is None:
             return self.default_deadline_ms
-        if not (0 < value <= _MAX_DEADLINE_MS) or math.isnan(value):
-            raise ServeError(422, f"the deadline must be in (0, {_MAX_DEADLINE_MS:.0f}] ms, got {value}", "validation")
+        if not (0 < value <= MAX_DEADLINE_MS) or math.isnan(value):
+            raise ServeError(422, f"the deadline must be in (0, {MAX_DEADLINE_MS:.0f}] ms, got {value}", "validation")
         return value
 
-    def check_texts(self, query: str, texts: list[str]) -> None:
+    def check_texts(self, query: str, texts: list[str], field: str) -> None:
+        """Limits and encodability of every string, through the package's one string validator."""
         lim = self.limits
         if len(texts) > lim.max_documents:
             self._limit(f"{len(texts)} documents; the limit is {lim.max_documents} per request (--max-documents)")
-        if len(query) > lim.max_query_chars:
-            self._limit(f"the query has {len(query)} characters; the limit is {lim.max_query_chars} (--max-query-chars)")
-        for i, t in enumerate(texts):
-            if len(t) > lim.max_document_chars:
-                self._limit(f"document {i} has {len(t)} characters; the limit is {lim.max_document_chars} "
-                            "per document (--max-document-chars)")
+        try:
+            check_text(query, "the query", max_chars=lim.max_query_chars, hint=" (--max-query-chars)")
+            for i, t in enumerate(texts):
+                check_text(t, f"{field}[{i}]", max_chars=lim.max_document_chars,
+                           hint=" per document (--max-document-chars)")
+        except ValueError as e:
+            if isinstance(e, LimitError):
+                self.metrics.rejections.labels("limit").inc()
+            raise _error_of(e) from None
 
     def _limit(self, message: str) -> None:
         self.metrics.rejections.labels("limit").inc()
-        raise ServeError(413, message, "limit")
+        raise _error_of(LimitError(message))
 
     def estimate_tokens(self, query: str, texts: list[str]) -> int:
         """Tokens of the request's pairs, guessed from characters (before tokenizing)."""
@@ -505,8 +516,8 @@ def create_app(
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
     limits = limits or Limits()
-    if not (0 < float(default_deadline_ms) <= _MAX_DEADLINE_MS):
-        raise ValueError(f"default_deadline_ms must be in (0, {_MAX_DEADLINE_MS:.0f}], got {default_deadline_ms}")
+    if not (0 < float(default_deadline_ms) <= MAX_DEADLINE_MS):
+        raise ValueError(f"default_deadline_ms must be in (0, {MAX_DEADLINE_MS:.0f}], got {default_deadline_ms}")
     if collection is not None and isinstance(collection, (str, os.PathLike)):
         from ..collection import Collection  # type: ignore[import-not-found,unused-ignore]
 
@@ -556,10 +567,14 @@ def create_app(
     async def _on_serve_error(request: Request, exc: ServeError) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_error_of(exc))
+
     async def rerank(
         request: Request,
         body: RerankRequest,
-        x_request_timeout_ms: str | None = Header(default=None, description="Deadline in milliseconds"),
+        x_request_timeout_ms: float = _TIMEOUT_HEADER,  # None when absent
     ) -> Response:
         t0 = time.monotonic()
         deadline = t0 + server.deadline_ms(x_request_timeout_ms, body.deadline_ms) / 1000.0
@@ -572,7 +587,7 @@ def create_app(
             texts = [document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
         except ValueError as e:
             raise ServeError(422, str(e), "validation") from None
-        server.check_texts(body.query, texts)
+        server.check_texts(body.query, texts, "documents")
         version = "1" if request.url.path.startswith("/v1/") else "2"
         if texts:
             result, t_tok, tokens = await server.score(
@@ -609,7 +624,7 @@ def create_app(
         return JSONResponse(payload, headers=_timing_headers(t_tok, result, total))
 
     async def _tei(request: Request, body: TeiRerankRequest, t0: float, deadline: float) -> Response:
-        server.check_texts(body.query, body.texts)
+        server.check_texts(body.query, body.texts, "texts")
         truncate = server.auto_truncate if body.truncate is None else body.truncate
         left = body.truncation_direction.lower() == "left"
         if body.texts:
@@ -634,20 +649,19 @@ def create_app(
             summary="Rerank documents for a query (Cohere/Jina or TEI dialect)", tags=["rerank"],
         )
 
-    @app.post("/search", response_model=SearchResponse, responses=errors, tags=["search"])
+    @app.post("/search", response_model=SearchResponse, responses={**errors, 404: {"model": ErrorBody}},
+              tags=["search"])
     async def search(
         request: Request,
         body: SearchRequest,
-        x_request_timeout_ms: str | None = Header(default=None, description="Deadline in milliseconds"),
+        x_request_timeout_ms: float = _TIMEOUT_HEADER,  # None when absent
     ) -> Response:
         """First stage, then rerank, on the served collection."""
         t0 = time.monotonic()
         if server.collection is None or server.search_pool is None:
             raise ServeError(404, "no collection is served (start with --collection DIR)", "not_found")
         deadline_ms = server.deadline_ms(x_request_timeout_ms, body.deadline_ms)
-        if len(body.query) > limits.max_query_chars:
-            server._limit(f"the query has {len(body.query)} characters; the limit is {limits.max_query_chars} "
-                          "(--max-query-chars)")
+        server.check_texts(body.query, [], "documents")
         if server.pending_searches >= limits.max_pending_searches:
             server.metrics.rejections.labels("queue_full").inc()
             raise ServeError(429, f"{server.pending_searches} searches are waiting (limit "
@@ -686,7 +700,7 @@ def create_app(
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], responses={503: {"model": ErrorBody}})
+    @app.get("/ready", tags=["ops"], responses={s: {"model": ErrorBody} for s in (401, 503)})
     async def ready() -> Response:
         """Readiness: the model is loaded, warmed and its throughput measured."""
         if not scheduler.ready:
@@ -699,7 +713,10 @@ def create_app(
             "collection": server.collection is not None,
         })
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses={
+        200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: {"model": ErrorBody, "content": {"application/json": {}}},
+    })
     async def metrics_endpoint() -> Response:
         """Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
