@@ -49,7 +49,7 @@ def texts(seed: int, n: int, words: int = 12) -> list[str]:
 @contextlib.contextmanager
 def client(app: Any, **kw: Any) -> Iterator[TestClient]:
     with TestClient(app, **kw) as c:
-        assert app.state.tailrank.scheduler.wait_ready(60)
+        assert app.state.tailrank.wait_ready(60)
         yield c
 
 
@@ -57,7 +57,7 @@ def client(app: Any, **kw: Any) -> Iterator[TestClient]:
 async def async_client(app: Any) -> AsyncIterator[Any]:
     """Concurrent requests in one event loop (the app's lifespan run by hand)."""
     async with app.router.lifespan_context(app):
-        await asyncio.to_thread(app.state.tailrank.scheduler.wait_ready, 60)
+        await asyncio.to_thread(app.state.tailrank.wait_ready, 60)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tailrank") as c:
             yield c
 
@@ -220,7 +220,7 @@ def live_server(app: Any) -> Iterator[str]:
                 break
             time.sleep(0.01)
         assert server.started, "uvicorn did not start"
-        assert app.state.tailrank.scheduler.wait_ready(120)  # 503 until the model is calibrated
+        assert app.state.tailrank.wait_ready(120)  # 503 until the model is calibrated
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -360,9 +360,9 @@ def request_tokens(ce: CrossEncoder, query: str, docs: list[str]) -> tuple[int, 
 
 def pin_estimates(app: Any, *, tokens_per_s: float, chars_per_token: float) -> None:
     """Pins the server's measured speeds (what admission estimates from) to known values."""
-    server = app.state.tailrank
-    server.scheduler._rate = tokens_per_s
-    server.chars_per_token = chars_per_token
+    admission = app.state.tailrank.admission
+    admission.tokens_per_s = tokens_per_s
+    admission.chars_per_token = chars_per_token
 
 
 def test_overload_refuses_what_cannot_meet_its_deadline_and_serves_the_rest(ce: CrossEncoder) -> None:
@@ -410,7 +410,7 @@ def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: Cros
     interval = sys.getswitchinterval()
     app = create_app(ce)
     with client(app) as c:
-        assert os.sched_getscheduler(app.state.tailrank.scheduler._thread.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(app.state.tailrank.executors["rerank"].thread.native_id) == os.SCHED_IDLE
         assert sys.getswitchinterval() == pytest.approx(0.0005)
         r = c.post("/rerank", json={"query": "risk", "texts": ["a risk", "none"]})
         assert r.status_code == 200 and len(r.json()) == 2
@@ -427,17 +427,17 @@ def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: Cros
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 def test_scoring_runs_below_the_event_loop(ce: CrossEncoder) -> None:
-    """The scheduler thread lowers its own priority; the loop (the caller here) keeps its own."""
+    """The executor thread lowers its own priority; the loop (the caller here) keeps its own."""
     me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     app = create_app(ce, scoring_nice=4)
     with client(app) as c:
-        thread = app.state.tailrank.scheduler._thread
+        thread = app.state.tailrank.executors["rerank"].thread
         assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, me + 4)
         assert c.post("/rerank", json={"query": "risk", "texts": ["a risk", "none"]}).status_code == 200
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
     app = create_app(ce, scoring_nice=0)
     with client(app):
-        assert os.getpriority(os.PRIO_PROCESS, app.state.tailrank.scheduler._thread.native_id) == me
+        assert os.getpriority(os.PRIO_PROCESS, app.state.tailrank.executors["rerank"].thread.native_id) == me
 
 
 def test_failing_batch_fails_exactly_its_requests(ce: CrossEncoder) -> None:
@@ -456,7 +456,7 @@ def test_failing_batch_fails_exactly_its_requests(ce: CrossEncoder) -> None:
     async def go() -> list[Any]:
         async with async_client(app) as c:
             first = asyncio.ensure_future(c.post("/rerank", json=body(0)))
-            await asyncio.to_thread(rounds.entered.wait, 30)  # the scheduler now holds round 1
+            await asyncio.to_thread(rounds.entered.wait, 30)  # the executor now holds round 1
             rest = [asyncio.ensure_future(c.post("/rerank", json=body(i))) for i in range(1, 8)]
             await until(lambda: queued_requests(app) == 8, "7 requests queued behind the held round")
             rounds.gate.set()
@@ -586,7 +586,7 @@ def test_disconnected_client_is_dropped_before_compute(ce: CrossEncoder) -> None
 
 
 def test_health_ready_metrics(ce: CrossEncoder) -> None:
-    c = TestClient(create_app(ce))  # no `with`: no lifespan, so no scheduler and nothing to serve
+    c = TestClient(create_app(ce))  # no `with`: no lifespan, so no executor and nothing to serve
     assert c.get("/health").status_code == 200
     assert c.get("/ready").status_code == 503
     assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 503

@@ -46,7 +46,7 @@ def test_openapi_schema_fuzz_no_5xx_and_responses_conform(ce: Any, collection: C
     app = create_app(ce, collection=collection, api_key=None if mode == "open" else KEY, default_deadline_ms=5_000)
     auth = {"Authorization": f"Bearer {KEY}"} if mode == "key" else {}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Authorization": f"Bearer {KEY}"})
-    assert app.state.tailrank.scheduler.wait_ready(60)  # loading the schema started the lifespan
+    assert app.state.tailrank.wait_ready(60)  # loading the schema started the lifespan
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/rerank", "/v1/rerank", "/v2/rerank", "/search", "/ready"}
     seen: dict[str, set[int]] = {}

@@ -1,0 +1,342 @@
+"""The routes: rerank (Cohere/Jina and TEI dialects), search, health, readiness, metrics; and
+the per-request pipeline they share: validate -> admit -> tokenize -> queue -> wait."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+
+from .admission import Admission
+from .errors import BatchFailed, Rejected, ServeError, error_of
+from .executor import Executor
+from .gate import arrival_of
+from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from .queue import JobResult, Queue, make_job
+from .schemas import (
+    MAX_DEADLINE_MS,
+    CohereRerankRequest,
+    ErrorBody,
+    RerankRequest,
+    RerankResponse,
+    SearchRequest,
+    SearchResponse,
+    TeiRerankRequest,
+)
+from .validate import Limits, Pairs, RerankSpec, deadline_s, rerank_spec, search_spec, tokenize_pairs
+
+__all__ = ["Reranker", "Server", "add_routes", "RERANK_PATHS"]
+
+RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
+
+_TIMEOUT_HEADER = Header(default=None, gt=0, le=MAX_DEADLINE_MS,
+                         description="Deadline in milliseconds (overrides the body's deadline_ms)")
+
+
+class Reranker(Protocol):
+    """What the server needs from a model (``tailrank.CrossEncoder`` provides it)."""
+
+    max_length: int
+    n_labels: int
+
+    def batcher(self, max_batch_size: int | None = None) -> Any: ...
+
+    def score_assembly(
+        self, assembly: Any, *, deadline: float | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]: ...
+
+    def scores_from_logits(self, logits: npt.ArrayLike, *, raw: bool = False) -> npt.NDArray[np.float32]: ...
+
+    def tokenize(self, texts: list[str]) -> list[npt.NDArray[np.int32]]: ...
+
+    def document_tokens(self, documents: list[str], query_len: int = 0) -> list[npt.NDArray[np.int32]]: ...
+
+
+@dataclass
+class Server:
+    """The state one app serves from."""
+
+    model: Reranker
+    rules: Any  # a PairBatcher of the model: template and truncation rule (thread-safe reads)
+    admission: Admission
+    queue: Queue
+    executors: dict[str, Executor]
+    metrics: ServeMetrics
+    limits: Limits
+    default_deadline_ms: float
+    auto_truncate: bool
+    model_name: str
+    tokenize_pool: ThreadPoolExecutor
+    collection: Any = None
+    search_pool: ThreadPoolExecutor | None = None
+    pending_searches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_special(self) -> int:
+        return int(self.rules.template.n_special)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Waits for every executor's start (calibration); raises if one failed."""
+        for ex in self.executors.values():
+            ok = ex.ready.wait(timeout)
+            if ex.failure is not None:
+                raise RuntimeError(f"the {ex.kind} executor failed: {ex.failure!r}") from ex.failure
+            if not ok:
+                return False
+        return True
+
+    def refuse(self, e: Exception) -> ServeError:
+        """A refusal, counted by reason, as its HTTP answer."""
+        err = error_of(e)
+        if isinstance(e, Rejected):
+            self.metrics.rejections.labels(e.reason).inc()
+        elif err.error_type == "limit":
+            self.metrics.rejections.labels("limit").inc()
+        return err
+
+    # -- the rerank pipeline ------------------------------------------------------------------
+
+    async def rerank(self, request: Request, spec: RerankSpec, deadline: float) -> tuple[JobResult, float, int]:
+        """Admits, tokenizes, queues and waits for one request's pairs; returns (result,
+        tokenize seconds, tokens). Raises ServeError for refusals and failures."""
+        est = self.admission.estimate_tokens(len(spec.query), [len(t) for t in spec.texts],
+                                             int(self.model.max_length), self.n_special)
+        try:
+            ticket = self.admission.before_tokenizing(est, len(spec.texts), spec.chars, deadline)
+        except Rejected as e:
+            raise self.refuse(e) from None
+        t0 = time.perf_counter()
+        pairs: Pairs | None = None
+        try:
+            pairs = await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_pool, partial(tokenize_pairs, self.model, self.rules, spec, self.limits))
+        except (ValueError, TypeError) as e:
+            raise self.refuse(e) from None
+        finally:
+            t_tok = time.perf_counter() - t0
+            self.admission.tokenized(ticket, tokens=pairs.tokens if pairs is not None else 0,
+                                     seconds=t_tok if pairs is not None else None)
+        self.metrics.stage_seconds.labels("tokenize").observe(t_tok)
+        result = await self.run_job("rerank", pairs, deadline, int(self.model.n_labels), request)
+        self.metrics.stage_seconds.labels("score").observe(result.score_s)
+        if result.degraded:
+            self.metrics.degraded.inc()
+        return result, t_tok, pairs.tokens
+
+    async def run_job(self, kind: Any, pairs: Pairs, deadline: float, width: int, request: Request) -> JobResult:
+        """Queues one job and waits for it (deadline, disconnect); refusals as ServeError."""
+        job = make_job(kind, pairs, deadline, width)
+        try:
+            fut = self.queue.submit(job, asyncio.get_running_loop())
+        except (Rejected, BatchFailed) as e:
+            raise self.refuse(e) from None
+        try:
+            return await self.queue.wait(job, fut, deadline, _disconnected(request.receive))
+        except BatchFailed as e:
+            raise error_of(e) from None
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Returns when the client goes away (ASGI http.disconnect); no polling."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _ranking(model: Reranker, result: JobResult, raw: bool) -> tuple[npt.NDArray[np.int64], list[float | None]]:
+    """Ranked document indices (scored best first, ties in input order; then the unscored in input
+    order) and each document's score (None when not scored)."""
+    scored = np.flatnonzero(result.scored)
+    values = model.scores_from_logits(result.values[scored], raw=raw).astype(np.float64)
+    best = scored[np.argsort(-values, kind="stable")]
+    order = np.concatenate([best, np.flatnonzero(~result.scored)]).astype(np.int64)
+    scores: list[float | None] = [None] * result.scored.size
+    for i, v in zip(scored.tolist(), values.tolist()):
+        scores[i] = v if math.isfinite(v) else None
+    return order, scores
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+def _timing_headers(t_tok: float, result: JobResult | None, total: float) -> dict[str, str]:
+    h = {"X-Tokenize-Time": _ms(t_tok), "X-Total-Time": _ms(total)}
+    if result is not None:
+        h["X-Queue-Time"] = _ms(result.queue_s)
+        h["X-Score-Time"] = _ms(result.score_s)
+        h["X-Tailrank-Degraded"] = "true" if result.degraded else "false"
+    return h
+
+
+def _finite(v: Any) -> float | None:
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def add_routes(app: FastAPI, server: Server) -> None:
+    """Registers every route of the API on ``app``."""
+    model = server.model
+    errors: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 413, 422, 429, 500, 503)}
+
+    async def rerank(
+        request: Request,
+        body: RerankRequest,
+        x_request_timeout_ms: float = _TIMEOUT_HEADER,  # None when absent
+    ) -> Response:
+        t0 = arrival_of(request.scope)
+        deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
+        try:
+            spec = rerank_spec(body, server.limits, auto_truncate=server.auto_truncate)
+        except (ValueError, TypeError) as e:
+            raise server.refuse(e) from None
+        result, t_tok, tokens = None, 0.0, 0
+        if spec.texts:
+            result, t_tok, tokens = await server.rerank(request, spec, deadline)
+        if isinstance(body, TeiRerankRequest):
+            payload: Any = _tei_body(model, body, spec, result)
+        else:
+            payload = _cohere_body(model, body, spec, result, tokens, request.url.path, server.model_name)
+        total = time.monotonic() - t0
+        server.metrics.stage_seconds.labels("total").observe(total)
+        return JSONResponse(payload, headers=_timing_headers(t_tok, result, total))
+
+    for path in RERANK_PATHS:
+        app.add_api_route(
+            path, rerank, methods=["POST"], response_model=RerankResponse, responses=errors,  # type: ignore[arg-type]
+            summary="Rerank documents for a query (Cohere/Jina or TEI dialect)", tags=["rerank"],
+        )
+
+    @app.post("/search", response_model=SearchResponse, responses={**errors, 404: {"model": ErrorBody}},
+              tags=["search"])
+    async def search(
+        request: Request,
+        body: SearchRequest,
+        x_request_timeout_ms: float = _TIMEOUT_HEADER,  # None when absent
+    ) -> Response:
+        """First stage, then rerank, on the served collection."""
+        t0 = arrival_of(request.scope)
+        if server.collection is None or server.search_pool is None:
+            raise ServeError(404, "no collection is served (start with --collection DIR)", "not_found")
+        deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
+        try:
+            spec = search_spec(body, server.limits)
+        except (ValueError, TypeError) as e:
+            raise server.refuse(e) from None
+        limits = server.limits
+        if server.pending_searches >= limits.max_pending_searches:
+            raise server.refuse(Rejected("queue_full", f"{server.pending_searches} searches are waiting (limit "
+                                         f"{limits.max_pending_searches}); retry later", 1.0))
+        server.pending_searches += 1
+        try:
+            call = partial(server.collection.search, spec.query, k=spec.k, candidates=spec.candidates,
+                           filter=spec.filter, rerank=spec.rerank,
+                           deadline_ms=max(1.0, (deadline - time.monotonic()) * 1000.0), **spec.options)
+            res = await asyncio.get_running_loop().run_in_executor(server.search_pool, call)
+        except ServeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped by the one error table
+            raise server.refuse(e) from None
+        finally:
+            server.pending_searches -= 1
+        return _search_response(server, res, t0)
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], responses={s: {"model": ErrorBody} for s in (401, 503)})
+    async def ready() -> Response:
+        """Readiness: the model is loaded, warmed and its throughput measured."""
+        if not server.admission.ready:
+            return JSONResponse({"detail": "the model is loading or failed to start", "error_type": "not_ready"}, 503)
+        return JSONResponse({
+            "status": "ready",
+            "model": server.model_name,
+            "fingerprint": str(getattr(model, "fingerprint", "")),
+            "tokens_per_second": round(server.admission.tokens_per_s, 1),
+            "collection": server.collection is not None,
+        })
+
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses={
+        200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: {"model": ErrorBody, "content": {"application/json": {}}},
+    })
+    async def metrics_endpoint() -> Response:
+        """Prometheus text exposition."""
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _cohere_body(model: Reranker, body: CohereRerankRequest, spec: RerankSpec, result: JobResult | None,
+                 tokens: int, path: str, model_name: str) -> dict[str, Any]:
+    if result is not None:
+        order, scores = _ranking(model, result, raw=False)
+    else:
+        order, scores = np.zeros(0, np.int64), []
+    if body.top_n is not None:
+        order = order[: body.top_n]
+    results = []
+    for i in order.tolist():
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if body.return_documents:
+            item["document"] = {"text": spec.texts[i]}
+        results.append(item)
+    return {
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "meta": {
+            "api_version": {"version": "1" if path.startswith("/v1/") else "2"},
+            "billed_units": {"search_units": 1},
+            "tokens": {"input_tokens": tokens, "output_tokens": 0},
+            "model": body.model or model_name,
+            "degraded": bool(result is not None and result.degraded),
+            "scored": int(result.scored.sum()) if result is not None else 0,
+        },
+        "usage": {"total_tokens": tokens},
+    }
+
+
+def _tei_body(model: Reranker, body: TeiRerankRequest, spec: RerankSpec, result: JobResult | None
+              ) -> list[dict[str, Any]]:
+    if result is None:
+        return []
+    order, scores = _ranking(model, result, raw=body.raw_scores)
+    ranks = []
+    for i in order.tolist():
+        item: dict[str, Any] = {"index": i, "score": scores[i]}
+        if body.return_text:
+            item["text"] = spec.texts[i]
+        ranks.append(item)
+    return ranks
+
+
+def _search_response(server: Server, res: Any, t0: float) -> Response:
+    hits = [
+        {"id": h.id if isinstance(h.id, (int, str)) else int(h.id), "score": _finite(h.score),
+         "first_stage_score": _finite(h.first_stage_score), "text": h.text, "metadata": h.metadata,
+         "truncated": bool(h.truncated), "reranked": bool(getattr(h, "reranked", True))}
+        for h in res.hits
+    ]
+    timings = {k: float(v) for k, v in dict(res.timings).items()}
+    headers = {f"X-{k.replace('_', '-').title()}-Time": f"{v:.3f}" for k, v in timings.items()}
+    headers.setdefault("X-Total-Time", _ms(time.monotonic() - t0))
+    headers["X-Tailrank-Degraded"] = "true" if res.degraded else "false"
+    for stage, v in timings.items():
+        server.metrics.search_stage_seconds.labels(stage).observe(v / 1000.0)
+    if res.degraded:
+        server.metrics.degraded.inc()
+    return JSONResponse({"hits": hits, "degraded": bool(res.degraded), "timings": timings}, headers=headers)
