@@ -411,6 +411,7 @@ def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: Cros
     app = create_app(ce)
     with client(app) as c:
         assert os.sched_getscheduler(app.state.tailrank.executors["rerank"].thread.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(app.state.tailrank.queue.thread.native_id) == os.SCHED_IDLE  # the batcher
         assert sys.getswitchinterval() == pytest.approx(0.0005)
         r = c.post("/rerank", json={"query": "risk", "texts": ["a risk", "none"]})
         assert r.status_code == 200 and len(r.json()) == 2
