@@ -28,7 +28,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tailrank import CrossEncoder  # noqa: E402
-from tailrank.errors import FilterError  # noqa: E402
 from tailrank.serve import Limits, create_app  # noqa: E402
 from tailrank.serve.loadgen import arrival_times, run_open_loop_async, summarize  # noqa: E402
 
@@ -320,11 +319,11 @@ def test_malformed_requests_get_4xx(ce: CrossEncoder, body: bytes, headers: dict
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
-def test_strings_the_core_cannot_encode_get_4xx_naming_the_field(ce: CrossEncoder, path: str) -> None:
+def test_strings_the_core_cannot_encode_get_4xx_naming_the_field(ce: CrossEncoder, collection: Any, path: str
+                                                                  ) -> None:
     """Lone surrogates are valid JSON (``"\\ud800"``) but not Unicode: 422 naming the field, in both
     dialects and /search; NUL is an ordinary character; an oversized string is 413."""
-    coll = FakeCollection()
-    with client(create_app(ce, collection=coll, limits=Limits(max_query_chars=50))) as c:
+    with client(create_app(ce, collection=collection, limits=Limits(max_query_chars=50))) as c:
         cases = [
             (b'{"query": "q\\ud800", "texts": ["a"]}', "the query"),
             (b'{"query": "q", "texts": ["a", "b\\udfff c"]}', "texts[1]"),
@@ -338,7 +337,9 @@ def test_strings_the_core_cannot_encode_get_4xx_naming_the_field(ce: CrossEncode
             assert field_name in r.json()["detail"] and "lone surrogate" in r.json()["detail"], r.text
         r = c.post("/search", content=b'{"query": "x\\ud800"}', headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and "the query" in r.json()["detail"], r.text
-        assert coll.calls == []  # refused before the collection saw it
+        r = c.post("/search", content=b'{"query": "x", "filter": {"a": "\\ud800"}}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "filter value" in r.json()["detail"], r.text
         r = c.post(path, json={"query": "q\x00", "texts": ["a\x00b"]})
         assert r.status_code == 200 and len(r.json()) == 1, r.text
         r = c.post(path, json={"query": "q" * 51, "texts": ["a"]})
@@ -606,55 +607,112 @@ def test_health_ready_metrics(ce: CrossEncoder) -> None:
     assert families["tailrank_batch_size"].samples[-1].value >= 1  # _sum of rows
 
 
-@dataclass
-class FakeHit:
-    id: int
-    score: float
-    first_stage_score: float
-    text: str
-    metadata: dict[str, Any]
-    truncated: bool = False
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory, ce: CrossEncoder) -> Iterator[Any]:
+    from tailrank import Collection, Embedder
+
+    emb = Embedder(models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1], threads=1)
+    col = Collection.create(tmp_path_factory.mktemp("serve") / "col", embedder=emb, reranker=ce)
+    rng = random.Random(11)
+    col.add([models.sample_text(rng, rng.randint(4, 14)) for _ in range(60)],
+            metadata=[{"year": 2000 + i % 6, "lang": ("en", "de")[i % 2]} for i in range(60)])
+    yield col
+    col.close()
 
 
-@dataclass
-class FakeResult:
-    hits: list[FakeHit]
-    degraded: bool
-    timings: dict[str, float]
+def hits(res: Any) -> list[tuple[Any, float]]:
+    return [(h.id, h.score) for h in res.hits]
 
 
-class FakeCollection:
-    """The Collection.search contract, for the route's tests."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def search(self, query: str, *, k: int = 10, candidates: int = 100, filter: Any = None, rerank: bool = True,
-               deadline_ms: float | None = None, ef: int | None = None) -> FakeResult:
-        self.calls.append({"query": query, "k": k, "candidates": candidates, "filter": filter, "deadline_ms": deadline_ms})
-        if filter is not None and "bad" in filter:
-            raise FilterError("unknown operator $bad")
-        hits = [FakeHit(i, 1.0 - i / 10, 0.5, f"doc {i}", {"year": 2000 + i}) for i in range(k)]
-        return FakeResult(hits, degraded=query == "slow", timings={"embed": 1.0, "ann": 0.5, "score": 3.0, "total": 5.0})
-
-
-def test_search(ce: CrossEncoder) -> None:
-    coll = FakeCollection()
-    with client(create_app(ce, collection=coll)) as c:
-        r = c.post("/search", json={"query": "q", "k": 3, "candidates": 50, "filter": {"year": 2001}},
-                   headers={"X-Request-Timeout-Ms": "800"})
-        assert r.status_code == 200, r.text
-        out = r.json()
-        assert [h["id"] for h in out["hits"]] == [0, 1, 2] and out["hits"][1]["metadata"] == {"year": 2001}
-        assert out["degraded"] is False and r.headers["X-Tailrank-Degraded"] == "false"
-        assert r.headers["X-Embed-Time"] == "1.000" and r.headers["X-Total-Time"] == "5.000"
-        assert coll.calls[-1]["candidates"] == 50 and coll.calls[-1]["deadline_ms"] <= 800
-        assert c.post("/search", json={"query": "slow"}).headers["X-Tailrank-Degraded"] == "true"
-        r = c.post("/search", json={"query": "q", "filter": {"bad": 1}})
-        assert r.status_code == 422 and "unknown operator" in r.json()["detail"]
-        assert c.post("/search", json={"query": "q", "k": "3"}).status_code == 422
+def test_search_runs_through_the_queue_and_matches_the_library(ce: CrossEncoder, collection: Any) -> None:
+    """/search: the query's embedding and the candidates' pairs are jobs of the same queue (the
+    rerank executor's rounds hold the search's pairs); hits equal Collection.search's."""
+    rounds = Rounds()
+    rounds.gate.set()
+    app = create_app(ce, collection=collection, round_hook=rounds, limits=Limits(max_k=20, max_filter_nodes=8))
+    query_tokens = tuple(ce.tokenize(["protein binding"])[0].tolist())
+    with client(app) as c:
+        for body in ({"query": "protein binding", "k": 5, "candidates": 30},
+                     {"query": "protein binding", "k": 4, "candidates": 20, "filter": {"lang": "en"}}):
+            want = collection.search(body["query"], k=body["k"], candidates=body["candidates"], filter=body.get("filter"))
+            r = c.post("/search", json=body, headers={"X-Request-Timeout-Ms": "60000"})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert [h["id"] for h in out["hits"]] == want.ids()
+            np.testing.assert_allclose([h["score"] for h in out["hits"]], [h.score for h in want.hits], atol=1e-5)
+            assert all(h["reranked"] for h in out["hits"]) and out["degraded"] is False
+            assert r.headers["X-Tailrank-Degraded"] == "false"
+            for stage in ("Embed", "Ann", "Queue", "Score", "Total"):
+                assert float(r.headers[f"X-{stage}-Time"]) >= 0
+        assert any(query_tokens in qs for qs in rounds.queries)  # its pairs were a rerank round
+        first = c.post("/search", json={"query": "protein binding", "k": 3, "rerank": False}).json()
+        assert [h["id"] for h in first["hits"]] == collection.search("protein binding", k=3, rerank=False).ids()
+        assert not any(h["reranked"] for h in first["hits"])
+        for body, status, message in [
+            ({"query": "q", "filter": {"lang": {"$regex": "e"}}}, 422, "$regex"),
+            ({"query": "q", "k": 21}, 413, "k is 21; the limit is 20"),
+            ({"query": "q", "candidates": 5000}, 413, "candidates is 5000"),
+            ({"query": "q", "filter": {"$or": [{"a": i} for i in range(5)]}}, 413, "the filter has"),
+            ({"query": "q", "k": "3"}, 422, "k"),
+        ]:
+            r = c.post("/search", json=body)
+            assert r.status_code == status and message in r.json()["detail"], (body, r.text)
     with client(create_app(ce)) as c:
         assert c.post("/search", json={"query": "q"}).status_code == 404
+
+
+def test_search_degrades_at_its_deadline_from_arrival_and_is_dropped_when_the_client_leaves(
+        ce: CrossEncoder, collection: Any) -> None:
+    """While the rerank executor is held, a search waits in the same queue: at its deadline
+    (counted from its arrival) it answers in first-stage order, degraded; a search whose client
+    leaves is dropped before its pairs are computed."""
+    rounds = Rounds()
+    app = create_app(ce, collection=collection, round_hook=rounds)
+    gone_tokens = tuple(ce.tokenize(["gone away"])[0].tolist())
+
+    async def go() -> tuple[Any, Any, list[dict[str, Any]]]:
+        async with async_client(app) as c:
+            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            late = await c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 20},
+                                headers={"X-Request-Timeout-Ms": "1500"})
+            leave = asyncio.Event()
+            body = json.dumps({"query": "gone away", "k": 3, "candidates": 10}).encode()
+            sent = False
+            messages: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await leave.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                messages.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/search", "raw_path": b"/search", "query_string": b"",
+                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
+            call = asyncio.ensure_future(app(scope, receive, send))
+            await until(lambda: queued_requests(app) == 2, "the search's pairs queued behind the held round")
+            leave.set()
+            await call
+            rounds.gate.set()
+            return await held, late, messages
+
+    held, late, messages = asyncio.run(go())
+    assert held.status_code == 200
+    assert late.status_code == 200 and late.headers["X-Tailrank-Degraded"] == "true", late.text
+    out = late.json()
+    want = collection.search("protein binding", k=5, candidates=20, rerank=False)
+    assert out["degraded"] is True and [h["id"] for h in out["hits"]] == want.ids()
+    assert not any(h["reranked"] for h in out["hits"])
+    assert messages[0]["status"] == 499
+    assert not any(gone_tokens in qs for qs in rounds.queries)  # never computed
+    text = app.state.tailrank.metrics.render().decode()
+    assert 'tailrank_rejections_total{reason="disconnected"} 1.0' in text
 
 
 def test_loadgen_schedule_is_seeded_poisson() -> None:

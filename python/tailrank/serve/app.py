@@ -18,7 +18,10 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, cast
+
+import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,10 +57,33 @@ def _tokenize_nice(scoring: Priority) -> int:
     return 5 if scoring == "idle" else (int(scoring) + 1) // 2
 
 
+# The runners are made on their executor's thread: this thread's binding and output buffers are
+# sized by its first batcher() call (the rounds themselves are assembled on the batcher thread).
+
+
 def _rerank_runner(model: Reranker) -> Callable[[], Callable[[Any, float], Any]]:
     def make() -> Callable[[Any, float], Any]:
+        model.batcher()
         return lambda assembly, deadline: model.score_assembly(assembly, deadline=deadline)
     return make
+
+
+def _embed_runner(emb: Any) -> Callable[[], Callable[[Any, float], Any]]:
+    def make() -> Callable[[Any, float], Any]:
+        emb.batcher()
+        return lambda assembly, deadline: (emb.encode_assembly(assembly), np.ones(assembly.truncated.size, bool))
+    return make
+
+
+def _open_collection(path: str | os.PathLike[str], model: Any, threads: int | None, nice: Priority) -> Any:
+    """The collection at ``path`` with the served reranker and its embedder built for serving:
+    no spinning threads, and the scoring priority below the event loop (as the reranker)."""
+    from ..collection import Collection  # type: ignore[import-not-found,unused-ignore]
+    from ..collection._manifest import read_manifest, recorded_dir
+    from ..embedder import Embedder
+
+    emb = Embedder(recorded_dir(read_manifest(Path(path)), "embedder"), threads=threads, spin=False, nice=nice)
+    return Collection.open(path, embedder=emb, reranker=cast(Any, model))
 
 
 def create_app(
@@ -117,9 +143,11 @@ def create_app(
     if not (0 < float(default_deadline_ms) <= MAX_DEADLINE_MS):
         raise ValueError(f"default_deadline_ms must be in (0, {MAX_DEADLINE_MS:.0f}], got {default_deadline_ms}")
     if collection is not None and isinstance(collection, (str, os.PathLike)):
-        from ..collection import Collection  # type: ignore[import-not-found,unused-ignore]
-
-        collection = Collection.open(collection, reranker=cast(Any, model))
+        collection = _open_collection(collection, model, threads, scoring_nice)
+    if collection is not None and getattr(collection, "reranker", None) is not None and \
+            getattr(collection.reranker, "fingerprint", None) != getattr(model, "fingerprint", None):
+        raise ValueError("the collection's reranker is not the served model: its stored tokens would be scored "
+                         "by another model (open the collection with reranker=<the served model>)")
     if max_batch_tokens is None:
         max_batch_tokens = max(int(getattr(model, "batch_tokens", model.max_length)), model.max_length)
     if max_batch_tokens < model.max_length:
@@ -133,6 +161,13 @@ def create_app(
     executors = {"rerank": Executor(queue, "rerank", _rerank_runner(model),
                                     calibrate=lambda: calibrate_reranker(model, max_batch_tokens),
                                     round_hook=round_hook, nice=scoring_nice)}
+    extra: dict[str, Any] = {}
+    if collection is not None:
+        emb = collection.embedder
+        queue.add_kind("embed", max_batch_tokens=max(int(emb.batch_tokens), int(emb.max_length)),
+                       make_assembler=lambda: emb.batcher().assemble_multi)
+        executors["embed"] = Executor(queue, "embed", _embed_runner(emb), measure=False, nice=scoring_nice)
+        extra["embed_special"] = int(emb.batcher().template.n_special)
     name = model_name or os.path.basename(str(getattr(model, "model_dir", "tailrank")).rstrip("/")) or "tailrank"
     # Tokenizing sits between the loop (first) and scoring (last): admitted requests' tokens are
     # ready before a round needs them, and a refusal never waits behind them.
@@ -140,7 +175,7 @@ def create_app(
                                        initializer=lower_thread_priority,
                                        initargs=(_tokenize_nice(scoring_nice),))
     server = Server(model, model.batcher(), admission, queue, executors, metrics, limits,
-                    float(default_deadline_ms), auto_truncate, name, tokenize_pool, collection)
+                    float(default_deadline_ms), auto_truncate, name, tokenize_pool, collection, extra=extra)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..errors import TailrankError
 from .admission import Admission
 from .errors import BatchFailed, Rejected, ServeError, error_of
 from .executor import Executor
@@ -135,6 +136,83 @@ class Server:
             self.metrics.degraded.inc()
         return result, t_tok, pairs.tokens
 
+    # -- the search pipeline ------------------------------------------------------------------
+
+    async def search(self, request: Request, plan: Any, deadline: float, arrival: float) -> Any:
+        """One search as jobs of the same queue: the query's embedding (an ``embed`` job), the
+        first stage on one committed state (the search pool), the candidates' pairs (a
+        ``rerank`` job, EDF with every /rerank), then the collection's own finishing stage.
+        The deadline counts from ``arrival``; a deadline that cuts reranking (or a rerank job
+        the queue cannot take in time) leaves first-stage order (``degraded``)."""
+        coll = self.collection
+        emb = coll.embedder
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter() - (time.monotonic() - arrival)  # perf_counter at the arrival
+        per_pair = self.admission.tokens_per_pair or float(self.model.max_length)
+        rerank_tokens = int(plan.candidates * per_pair) if plan.rerank else 0
+        est = self.admission.estimate_tokens(0, [len(plan.query)], int(emb.max_length), 2) + rerank_tokens
+        chars = len(plan.query) * (2 if plan.rerank else 1)
+        try:
+            ticket = self.admission.before_tokenizing(est, 1 + (plan.candidates if plan.rerank else 0), chars,
+                                                      deadline)
+        except Rejected as e:
+            raise self.refuse(e) from None
+        t = time.perf_counter()
+        tokens: tuple[Any, Any] | None = None
+        try:
+            tokens = await loop.run_in_executor(self.tokenize_pool, _search_tokens, emb, self.model, plan)
+        finally:
+            self.admission.tokenized(ticket, tokens=int(tokens[0].size) if tokens else 0,
+                                     seconds=time.perf_counter() - t if tokens else None)
+        emb_tok, rr_tok = tokens
+        n_special = int(self.extra["embed_special"])
+        embed = Pairs([np.zeros(0, np.int32)], np.zeros(1, np.int64), [emb_tok],
+                      np.array([min(emb_tok.size + n_special, int(emb.max_length))], np.int64))
+        t = time.perf_counter()
+        vec = await self.run_job("embed", embed, deadline, int(emb.dim), request)
+        embed_ms = (time.perf_counter() - t) * 1000.0
+        if not vec.scored.all():  # the deadline passed before the query was embedded: nothing to rank
+            self.metrics.degraded.inc()
+            return _empty_result(embed_ms, t0)
+        cands = await self._first_stage(plan, vec.values[0], rr_tok)
+        cands.timings["embed"] = embed_ms
+        if not plan.rerank or cands.keys.size == 0 or cands.docs is None:
+            return coll.finish_search(plan, cands, t0=t0)
+        pairs = _candidate_pairs(rr_tok, cands.docs, int(self.model.max_length), self.n_special)
+        job = make_job("rerank", pairs, deadline, int(self.model.n_labels))
+        try:
+            fut = self.queue.submit(job, loop)
+        except (Rejected, BatchFailed):  # no room in time: first-stage order, as a deadline would leave
+            self.metrics.degraded.inc()
+            return coll.finish_search(plan, cands, np.zeros(job.n), np.zeros(job.n, bool), t0=t0)
+        try:
+            result = await self.queue.wait(job, fut, deadline, _disconnected(request.receive))
+        except BatchFailed as e:
+            raise error_of(e) from None
+        cands.timings["queue"] = result.queue_s * 1000.0
+        cands.timings["score"] = result.score_s * 1000.0
+        if result.degraded:
+            self.metrics.degraded.inc()
+        scores = self.model.scores_from_logits(np.nan_to_num(result.values))
+        body = int(self.model.max_length) - self.n_special
+        truncated = (rr_tok.size + np.fromiter((d.size for d in cands.docs), np.int64, len(cands.docs))) > body
+        return coll.finish_search(plan, cands, scores, result.scored, truncated, t0=t0)
+
+    async def _first_stage(self, plan: Any, vec: npt.NDArray[np.float32], rr_tok: Any) -> Any:
+        """The collection's first stage on the search pool (bounded: 429 beyond)."""
+        limits = self.limits
+        if self.pending_searches >= limits.max_pending_searches:
+            raise self.refuse(Rejected("queue_full", f"{self.pending_searches} searches are in their first stage "
+                                       f"(limit {limits.max_pending_searches}); retry later", 1.0))
+        self.pending_searches += 1
+        try:
+            call = partial(self.collection.first_stage, plan, vec, rr_tok)
+            return await asyncio.get_running_loop().run_in_executor(self.search_pool, call)
+        except (ValueError, TypeError) as e:
+            raise self.refuse(e) from None
+        finally:
+            self.pending_searches -= 1
+
     async def run_job(self, kind: Any, pairs: Pairs, deadline: float, width: int, request: Request) -> JobResult:
         """Queues one job and waits for it (deadline, disconnect); refusals as ServeError."""
         job = make_job(kind, pairs, deadline, width)
@@ -146,6 +224,26 @@ class Server:
             return await self.queue.wait(job, fut, deadline, _disconnected(request.receive))
         except BatchFailed as e:
             raise error_of(e) from None
+
+
+def _search_tokens(emb: Any, model: Any, plan: Any) -> tuple[Any, Any]:
+    """The query's token ids for the embedder and (to rerank) for the reranker."""
+    (emb_tok,) = emb.tokenize([plan.query])
+    rr_tok = model.tokenize([plan.query])[0] if plan.rerank else None
+    return emb_tok, rr_tok
+
+
+def _candidate_pairs(q: Any, docs: list[Any], max_length: int, n_special: int) -> Pairs:
+    """The (query, candidate) pairs of a search; lengths after the core's truncation (longest
+    first keeps exactly max_length tokens of an over-long pair)."""
+    raw = q.size + np.fromiter((d.size for d in docs), dtype=np.int64, count=len(docs))
+    return Pairs([q], np.zeros(len(docs), np.int64), docs, np.minimum(raw, max_length - n_special) + n_special)
+
+
+def _empty_result(embed_ms: float, t0: float) -> Any:
+    from ..collection import SearchResult  # type: ignore[import-not-found,unused-ignore]
+
+    return SearchResult(hits=[], degraded=True, timings={"embed": embed_ms, "total": (time.perf_counter() - t0) * 1000})
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
@@ -236,22 +334,12 @@ def add_routes(app: FastAPI, server: Server) -> None:
             spec = search_spec(body, server.limits)
         except (ValueError, TypeError) as e:
             raise server.refuse(e) from None
-        limits = server.limits
-        if server.pending_searches >= limits.max_pending_searches:
-            raise server.refuse(Rejected("queue_full", f"{server.pending_searches} searches are waiting (limit "
-                                         f"{limits.max_pending_searches}); retry later", 1.0))
-        server.pending_searches += 1
         try:
-            call = partial(server.collection.search, spec.query, k=spec.k, candidates=spec.candidates,
-                           filter=spec.filter, rerank=spec.rerank,
-                           deadline_ms=max(1.0, (deadline - time.monotonic()) * 1000.0), **spec.options)
-            res = await asyncio.get_running_loop().run_in_executor(server.search_pool, call)
-        except ServeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - mapped by the one error table
+            plan = server.collection.plan_search(spec.query, k=spec.k, candidates=spec.candidates,
+                                                 filter=spec.filter, rerank=spec.rerank, **spec.options)
+        except (ValueError, TypeError, TailrankError) as e:
             raise server.refuse(e) from None
-        finally:
-            server.pending_searches -= 1
+        res = await server.search(request, plan, deadline, t0)
         return _search_response(server, res, t0)
 
     @app.get("/health", tags=["ops"])
