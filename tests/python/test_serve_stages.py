@@ -333,3 +333,30 @@ def test_tokenized_pairs_follow_the_cores_truncation_rule(ce: CrossEncoder) -> N
         tokenize_pairs(ce, rules, strict, Limits())
     with pytest.raises(LimitError, match="--max-request-tokens"):
         tokenize_pairs(ce, rules, spec, Limits(max_request_tokens=10))
+
+
+def test_queue_close_answers_every_waiter() -> None:
+    """Shutdown while a round runs, one waits assembled and more are queued: every waiter gets
+    a result or BatchFailed, none hangs."""
+    model = Model(block_round=1)
+    s = served(model, budget=10)
+
+    async def go() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        t = s.clock.t
+        futs = [s.queue.submit(make_job("rerank", pairs(1, 1), t + 50, 1), loop)]
+        await asyncio.to_thread(model.blocked.wait, 30)
+        futs += [s.queue.submit(make_job("rerank", pairs(i, 1), t + 50, 1), loop) for i in (2, 3, 4)]
+        await until(lambda: s.queue._lanes["rerank"].slot is not None)
+        closing = asyncio.ensure_future(asyncio.to_thread(s.queue.close))
+        await until(lambda: all(f.done() for f in futs[1:]))
+        model.release.set()
+        await closing
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    try:
+        out = asyncio.run(go())
+    finally:
+        stop(s)
+    assert out[0].scored.all()  # the running round still delivers
+    assert all(isinstance(x, BatchFailed) and "shutting down" in str(x) for x in out[1:])

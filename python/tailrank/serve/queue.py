@@ -380,9 +380,10 @@ class Queue:
         with self._cond:
             while lane.slot is None and not self._closed:
                 self._cond.wait()
-            if self._closed:
-                return None
-            rnd, lane.slot = lane.slot, None
+            rnd = lane.slot
+            if self._closed or rnd is None:
+                return None  # a round left in the slot is failed by close()
+            lane.slot = None
             now = self.clock()
             lane.running = (now, rnd.tokens)
             for job in rnd.jobs:
