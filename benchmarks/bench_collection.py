@@ -222,11 +222,14 @@ def status(field):
             return int(line.split()[1]) / 1024
 rss0 = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+def wchar():
+    return int(next(l for l in open("/proc/self/io") if l.startswith("wchar:")).split()[1])
+w0 = wchar()
 t = time.perf_counter()
 col = C.open({col!r}, embedder=e)
 dt = time.perf_counter() - t
 print(json.dumps({{"open_s": dt, "rss_before_open_mib": rss0, "rss_after_open_mib": status("VmRSS:"),
-                  "peak_rss_during_open_mib": status("VmHWM:")}}))
+                  "peak_rss_during_open_mib": status("VmHWM:"), "mib_written_during_open": (wchar() - w0) / 2**20}}))
 """
 
 
@@ -238,7 +241,8 @@ def phase_open(args: argparse.Namespace, emb: Any, out: dict[str, Any]) -> None:
     res = out.setdefault("open", {})
     for n in args.open_sizes:
         ef_c = args.ef_construction if n < 1_000_000 else args.ef_construction_1m
-        for name, cls in (("before", load_before()), ("after", after_cls())):
+        designs = (("before", load_before), ("after", after_cls))
+        for name, cls in ((name, make()) for name, make in designs if name in args.designs):
             path = args.work / f"o-{name}-{n}"
             col = build(cls, path, emb, n, ef_c)
             if hasattr(col, "close"):
@@ -280,6 +284,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--ef-construction-1m", type=int, default=40, help="for 1M-chunk builds (time bound)")
+    ap.add_argument("--designs", default="before,after", help="designs the open phase builds and opens")
     ap.add_argument("--in-tree", action="store_true", help="subprocesses import tailrank from python/")
     args = ap.parse_args()
     args.sizes = [int(x) for x in args.sizes.split(",") if x]

@@ -90,30 +90,37 @@ PairAssembler::~PairAssembler() = default;
 
 size_t PairAssembler::buffer_bytes() const {
   size_t n = 0;
-  for (const auto* b : {&ids_, &mask_, &types_})
+  for (const auto* b : {&ids_, &mask_, &types_, &spare_ids_, &spare_mask_, &spare_types_})
     if (*b) n += (*b)->capacity();
   return n;
 }
 
 namespace {
-/// Makes `buf` a buffer of at least `bytes` that nobody else holds: reused when it is ours alone
-/// and from `a`, fresh otherwise (the old one lives on with whoever holds it).
-void own_buffer(std::shared_ptr<Buffer>& buf, size_t bytes, const Allocator& a) {
-  if (!buf || buf.use_count() > 1 || !buf->uses(a)) {
-    auto fresh = std::make_shared<Buffer>();
-    fresh->reserve(bytes, a);  // may throw: `buf` stays as it was
-    buf = std::move(fresh);
+bool ours_alone(const std::shared_ptr<Buffer>& b, const Allocator& a) { return b && b.use_count() == 1 && b->uses(a); }
+
+/// Makes `buf` a buffer of at least `bytes` that nobody else holds: `buf` itself or the spare when
+/// either is ours alone and from `a`, fresh otherwise. The one given up becomes the spare (it lives
+/// on with whoever holds it, and is reused once they let it go).
+void own_buffer(std::shared_ptr<Buffer>& buf, std::shared_ptr<Buffer>& spare, size_t bytes, const Allocator& a) {
+  if (ours_alone(buf, a)) {
+    buf->reserve(bytes, a);
     return;
   }
-  buf->reserve(bytes, a);
+  if (ours_alone(spare, a)) {
+    spare->reserve(bytes, a);  // may throw: both stay as they were
+    std::swap(buf, spare);
+    return;
+  }
+  auto fresh = std::make_shared<Buffer>();
+  fresh->reserve(bytes, a);
+  spare = std::move(buf);
+  buf = std::move(fresh);
 }
 }  // namespace
 
 void PairAssembler::set_allocator(const Allocator& a) {
   BusyGuard g(busy_);
-  ids_.reset();
-  mask_.reset();
-  types_.reset();
+  for (auto* b : {&ids_, &mask_, &types_, &spare_ids_, &spare_mask_, &spare_types_}) b->reset();
   alloc_ = a;
 }
 
@@ -215,9 +222,9 @@ const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& q
     r += rows;
   }
   size_t bytes = total_elements_ * element_size();
-  own_buffer(ids_, bytes, alloc_);
-  own_buffer(mask_, bytes, alloc_);
-  own_buffer(types_, bytes, alloc_);
+  own_buffer(ids_, spare_ids_, bytes, alloc_);
+  own_buffer(mask_, spare_mask_, bytes, alloc_);
+  own_buffer(types_, spare_types_, bytes, alloc_);
   if (opts_.int32)
     fill<int32_t>(queries, query_index, docs);
   else

@@ -82,7 +82,9 @@ struct AssemblerOptions {
 /// Builds cross-encoder batches. One assembly at a time: a second concurrent call throws
 /// ConcurrentUseError (use one assembler per thread). The tensor buffers are reference-counted:
 /// whoever holds one (an array handed to Python) keeps it alive and unchanged, and an assembly
-/// reuses a buffer only when nobody else holds it (otherwise it takes a fresh one).
+/// reuses a buffer only when nobody else holds it (otherwise it takes a fresh one). One spare per
+/// tensor makes `a = assemble(...)` in a loop (the last result held during the next call)
+/// allocation-free too: the two buffers alternate.
 class PairAssembler {
  public:
   PairAssembler(PairTemplate tmpl, AssemblerOptions opts);
@@ -136,6 +138,7 @@ class PairAssembler {
   AssemblerOptions opts_;
   Allocator alloc_;
   std::shared_ptr<Buffer> ids_, mask_, types_;
+  std::shared_ptr<Buffer> spare_ids_, spare_mask_, spare_types_;  // the previous assembly's, maybe still held
   std::vector<BatchSpec> batches_;
   std::vector<int64_t> order_, lengths_;
   std::vector<uint8_t> truncated_;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import errors
 from ._core import distance_isa
+from ._score_cache import CacheStats, ScoreCache
 from .collection import Collection, Hit, SearchResult
 from .cross_encoder import CrossEncoder
 from .docstore import DocStore
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Assembly",
     "Batch",
+    "CacheStats",
     "Collection",
     "Hit",
     "SearchResult",
@@ -24,6 +26,7 @@ __all__ = [
     "Embedder",
     "PairBatcher",
     "PairTemplate",
+    "ScoreCache",
     "VectorIndex",
     "distance_isa",
     "errors",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -28,7 +30,8 @@ from ._ort import (
     text_inputs,
 )
 from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
-from ._validate import check_text, positive_int
+from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
+from ._validate import as_token_ids, check_text, positive_int
 from .docstore import DocStore
 from .errors import ModelError
 from .pairs import Assembly, PairBatcher, PairTemplate
@@ -143,6 +146,13 @@ class CrossEncoder:
             (Linux; 0 leaves them alone). ``tailrank serve`` uses ``"idle"`` so that its event
             loop, sharing the CPUs, answers (and refuses) requests at once while a batch is scored.
             The thread that calls :meth:`predict` runs its own share at its own priority.
+        cache_bytes: Memory for a score cache (default 0: none). Pairs scored before (the same
+            query and document token ids, this model and settings) return the stored logit,
+            bit-identical to scoring them again, without compute; least recently used pairs are
+            evicted beyond the size. See :meth:`cache_stats`.
+        score_cache: A :class:`ScoreCache` to share with other models or a server (its keys hold
+            each model's :attr:`score_fingerprint`, so models never read each other's scores).
+            Give this or ``cache_bytes``, not both.
 
     Raises:
         ModelError: Missing or invalid files, a graph that is not a cross-encoder (logits not
@@ -162,7 +172,14 @@ class CrossEncoder:
         cache_tokens: int = 1 << 22,
         spin: bool = True,
         nice: Priority = 0,
+        cache_bytes: int = 0,
+        score_cache: ScoreCache | None = None,
     ) -> None:
+        cache_bytes = positive_int(cache_bytes, "cache_bytes", minimum=0)
+        if score_cache is not None and not isinstance(score_cache, ScoreCache):
+            raise TypeError(f"score_cache must be a tailrank.ScoreCache, got {type(score_cache).__name__}")
+        if score_cache is not None and cache_bytes:
+            raise ValueError("give cache_bytes or score_cache, not both")
         if activation not in ("default", "none"):
             raise ValueError(f'activation must be "default" or "none", got {activation!r}')
         if threads is not None:
@@ -210,6 +227,15 @@ class CrossEncoder:
         self._cache = _TokenCache(positive_int(cache_tokens, "cache_tokens", minimum=0))
         self._probe()
         self._worker().warm_up(self, 1, self.n_labels)  # a one-token query with each document
+        #: Identity of everything that decides a logit: weights, tokenizer, run-time settings,
+        #: device, provider and precision, max_length and truncation. Score-cache keys hold it.
+        self.score_fingerprint = _score_fingerprint(self, onnx_path)
+        if score_cache is not None and score_cache.n_labels != self.n_labels:
+            raise ValueError(f"score_cache holds {score_cache.n_labels} logits per pair; this model has {self.n_labels}")
+        #: The score cache (None: off).
+        self.score_cache: ScoreCache | None = score_cache
+        if cache_bytes:
+            self.score_cache = ScoreCache(cache_bytes, self.n_labels)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -283,10 +309,33 @@ class CrossEncoder:
         truncated = np.zeros(len(docs), dtype=bool)
         for start in range(0, len(docs), _DOCS_PER_ASSEMBLY):
             chunk = docs[start : start + _DOCS_PER_ASSEMBLY]
-            assembly = batcher.assemble(q_ids, self._doc_tokens(chunk, q_ids.size))
-            worker.run(self, assembly, logits[start : start + len(chunk)])
+            tokens = self._doc_tokens(chunk, q_ids.size)
+            out = logits[start : start + len(chunk)]
+            if self.score_cache is not None:
+                truncated[start : start + len(chunk)] = self._score_cached(batcher, q_ids, tokens, out)
+                continue
+            assembly = batcher.assemble(q_ids, tokens)
+            worker.run(self, assembly, out)
             truncated[start : start + len(chunk)] = assembly.truncated
         return logits, truncated
+
+    def _score_cached(
+        self, batcher: PairBatcher, q_ids: npt.NDArray[np.int32], docs: Sequence[npt.NDArray[np.int32]],
+        out: npt.NDArray[np.float32],
+    ) -> npt.NDArray[np.bool_]:
+        """Logits of (q_ids, docs) into ``out``: hits from the cache, the misses assembled and
+        scored together, stored, and scattered back to their rows. Returns the truncation flags."""
+        found = self.lookup_scores(q_ids, docs)
+        assert found is not None and self.score_cache is not None
+        out[:] = found.logits
+        if not found.all_hit:
+            miss = found.miss
+            assembly = batcher.assemble(q_ids, [docs[i] for i in miss.tolist()])
+            got = np.empty((miss.size, self.n_labels), dtype=np.float32)
+            self._worker().run(self, assembly, got)
+            out[miss] = got
+            self.score_cache.store_misses(found, got)
+        return self.truncation_flags(q_ids, docs)
 
     def _scores(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if self.activation == "none":
@@ -385,6 +434,11 @@ class CrossEncoder:
         truncated = np.zeros(id_arr.size, dtype=bool)
         for start in range(0, id_arr.size, _DOCS_PER_ASSEMBLY):
             chunk = id_arr[start : start + _DOCS_PER_ASSEMBLY]
+            if self.score_cache is not None:  # the keys need the documents' token ids
+                tokens = [store.get(int(i)) for i in chunk]
+                out = logits[start : start + chunk.size]
+                truncated[start : start + chunk.size] = self._score_cached(batcher, q_ids, tokens, out)
+                continue
             assembly = batcher.assemble_from_store(q_ids, store, chunk)
             worker.run(self, assembly, logits[start : start + chunk.size])
             truncated[start : start + chunk.size] = assembly.truncated
@@ -429,6 +483,45 @@ class CrossEncoder:
             return (x[:, 0] if self.n_labels == 1 else x[:, 1] - x[:, 0]).astype(np.float32)
         return self._rank_scores(x)
 
+    def score_tokens(
+        self, query_ids: npt.ArrayLike, documents: Sequence[npt.NDArray[np.int32]]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Logits [n, n_labels] and truncation flags of one query's token ids against documents'
+        (no special tokens), through the score cache when it is on: only the misses are
+        assembled and scored."""
+        q = as_token_ids(query_ids, "query_ids")
+        docs = list(documents)
+        logits = np.empty((len(docs), self.n_labels), dtype=np.float32)
+        if self.score_cache is not None:
+            return logits, self._score_cached(self._worker().batcher(self, self.max_batch_size), q, docs, logits)
+        assembly = self.batcher().assemble(q, docs)
+        self._worker().run(self, assembly, logits)
+        return logits, assembly.truncated
+
+    def lookup_scores(self, query_ids: npt.NDArray[np.int32], documents: Sequence[npt.NDArray[np.int32]]
+                      ) -> CacheLookup | None:
+        """The score cache's logits for (query, document) token ids and its misses; None when off."""
+        if self.score_cache is None:
+            return None
+        return self.score_cache.lookup(pair_keys(self.score_fingerprint, [query_ids], None, documents))
+
+    def store_scores(self, found: CacheLookup, logits: npt.ArrayLike, scored: npt.ArrayLike | None = None) -> None:
+        """Stores the logits of ``found``'s misses (rows in miss order; only the ``scored`` ones)."""
+        if self.score_cache is not None:
+            self.score_cache.store_misses(found, logits, scored)
+
+    def truncation_flags(self, query_ids: npt.NDArray[np.int32], documents: Sequence[npt.NDArray[np.int32]]
+                         ) -> npt.NDArray[np.bool_]:
+        """Whether each (query, document) pair exceeds max_length, as an assembly reports it."""
+        # Longest-first truncation cuts a pair iff its tokens exceed the body: a function of the
+        # lengths alone, so cache hits need no assembly to know it.
+        lengths = np.fromiter((d.size for d in documents), dtype=np.int64, count=len(documents))
+        return np.asarray(np.asarray(query_ids).size + lengths > self.max_length - self._template.n_special)
+
+    def cache_stats(self) -> CacheStats | None:
+        """Hits, misses, evictions, entries and bytes of the score cache (None when it is off)."""
+        return None if self.score_cache is None else self.score_cache.stats()
+
     def tokenize(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
         """Token ids of ``texts`` (no special tokens, untruncated)."""
         return self._encode(list(texts))
@@ -449,6 +542,25 @@ class CrossEncoder:
             f"CrossEncoder({str(self.model_dir)!r}, device={self.device!r}, max_length={self.max_length}, "
             f"n_labels={self.n_labels}, inputs={list(self.input_names)}, dtype={self._in_dtype})"
         )
+
+
+def _score_fingerprint(o: CrossEncoder, onnx_path: Path) -> bytes:
+    import onnxruntime as ort
+
+    ident = {
+        "files": o.fingerprint,  # sha256 of the graph, tokenizer.json and tailrank.json (at load)
+        "graph": str(onnx_path.name),
+        "onnxruntime": ort.__version__,
+        "providers": list(o._session.get_providers()),
+        "device": o.device,
+        "precision": o.inference_precision,
+        "max_length": o.max_length,
+        "truncation": "longest_first",
+        "template": [list(p) for p in o._template.pieces] + [o._template.pad_id],
+        "n_labels": o.n_labels,
+        "dtypes": [str(o._in_dtype), str(o._out_dtype)],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()
 
 
 def _top(scores: npt.NDArray[np.float32], top_k: int | None) -> npt.NDArray[np.int64]:

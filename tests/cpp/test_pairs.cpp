@@ -488,6 +488,47 @@ TEST(PairAssembler, HeldBuffersStayValidAndUnchanged) {
   EXPECT_EQ(a.input_ids()->data(), own);
 }
 
+struct CountingAllocator {
+  int allocs = 0, frees = 0;
+  static void* alloc(size_t bytes, void* ctx) {
+    ++static_cast<CountingAllocator*>(ctx)->allocs;
+    return std::malloc(bytes == 0 ? 1 : bytes);
+  }
+  static void free(void* p, void* ctx) {
+    ++static_cast<CountingAllocator*>(ctx)->frees;
+    std::free(p);
+  }
+};
+
+TEST(PairAssembler, LastResultHeldDuringTheNextCallAllocatesNothingOnceWarm) {
+  // `a = assemble(...)` in a loop keeps the previous arrays alive during each call: the spare
+  // buffer takes turns with the held one instead of a fresh allocation per call.
+  std::mt19937 rng(45);
+  Tokens q = {1, 2, 3};
+  auto docs = random_docs(rng, 40, 60, 1000);
+  CountingAllocator ca;
+  {
+    PairAssembler a(bert_template(), options(128));
+    a.set_allocator(Allocator{&CountingAllocator::alloc, &CountingAllocator::free, &ca});
+    std::shared_ptr<Buffer> held, held_mask, held_types;
+    std::vector<const Buffer*> seen;
+    for (int call = 0; call < 8; ++call) {
+      a.assemble(q.data(), q.size(), views(docs));
+      check_assembly(a, q, docs);
+      EXPECT_NE(a.input_ids().get(), held.get());  // never the one still held
+      held = a.input_ids();                        // the caller keeps this result until the next one
+      held_mask = a.attention_mask();
+      held_types = a.token_type_ids();
+      seen.push_back(held.get());
+    }
+    EXPECT_EQ(ca.allocs, 6);  // ids, mask and types, twice; then the two sets alternate
+    EXPECT_EQ(seen[2], seen[0]);
+    EXPECT_EQ(seen[3], seen[1]);
+    EXPECT_EQ(ca.frees, 0);
+  }
+  EXPECT_EQ(ca.frees, ca.allocs);
+}
+
 /// An allocator that, while the assembler is mid-assembly, tries to use the same assembler again.
 struct ReentrantAllocator {
   PairAssembler* assembler = nullptr;

@@ -423,6 +423,26 @@ def test_buffers_are_reused_once_dropped() -> None:
     assert batcher.buffer_bytes == bytes_after_first
 
 
+def test_keeping_the_last_result_alternates_two_buffers() -> None:
+    # `asm = batcher.assemble(...)` in a loop holds the previous arrays during each call: the
+    # assembler's spare takes turns with them, so the loop allocates nothing once warm.
+    rng = np.random.default_rng(8)
+    batcher = PairBatcher(TEMPLATES["bert"], max_length=64, batch_tokens=256, max_batch_size=8)
+    docs = [rng.integers(0, 30000, size=int(n)) for n in rng.integers(1, 100, size=50)]
+    asm = batcher.assemble([3, 4], docs)
+    pointers, sizes = [], []
+    for _ in range(6):
+        before = [b.input_ids.copy() for b in asm.batches]
+        previous = asm
+        asm = batcher.assemble([3, 4], docs[::-1])
+        assert all(np.array_equal(b.input_ids, v) for b, v in zip(previous.batches, before))
+        pointers.append(asm.batches[0].input_ids.__array_interface__["data"][0])
+        sizes.append(batcher.buffer_bytes)
+        del previous, before
+    assert len(set(pointers)) == 2 and pointers[0::2] == [pointers[0]] * 3
+    assert len(set(sizes)) == 1
+
+
 def test_held_arrays_survive_a_larger_call() -> None:
     # Round 1's bug: a kept array read freed memory after a larger assembly.
     batcher = PairBatcher(TEMPLATES["bert"], max_length=64, batch_tokens=4096, max_batch_size=64)

@@ -755,7 +755,9 @@ class Collection:
         qvec = self.embedder.encode([query])[0]
         embed_ms = ms(t)
         q_tok = rr.tokenize([query])[0] if plan.rerank and rr is not None else None
-        cands = self.first_stage(plan, qvec, q_tok, assemble=deadline is None)
+        # The fused call assembles every candidate; a score cache wants the tokens first.
+        fused = deadline is None and (rr is None or rr.score_cache is None)
+        cands = self.first_stage(plan, qvec, q_tok, assemble=fused)
         cands.timings["embed"] = embed_ms
         if not plan.rerank or cands.keys.size == 0:
             return self.finish_search(plan, cands, t0=t0)
@@ -763,15 +765,22 @@ class Collection:
         timings = cands.timings
         if cands.assembly is not None or deadline is None:
             assembly = cands.assembly
-            if assembly is None:
+            if assembly is None and rr.score_cache is not None:
                 assert cands.docs is not None
                 t = time.perf_counter()
-                assembly = rr.batcher().assemble(q_tok, cands.docs)
-                timings["assemble"] = ms(t)
-            t = time.perf_counter()
-            logits, scored = rr.score_assembly(assembly)
-            timings["score"] = ms(t)
-            truncated = assembly.truncated
+                logits, truncated = rr.score_tokens(q_tok, cands.docs)  # hits from the cache, misses scored
+                timings["score"] = ms(t)
+                scored = np.ones(len(cands.docs), dtype=bool)
+            else:
+                if assembly is None:
+                    assert cands.docs is not None
+                    t = time.perf_counter()
+                    assembly = rr.batcher().assemble(q_tok, cands.docs)
+                    timings["assemble"] = ms(t)
+                t = time.perf_counter()
+                logits, scored = rr.score_assembly(assembly)
+                timings["score"] = ms(t)
+                truncated = assembly.truncated
         else:
             assert cands.docs is not None
             logits, scored, truncated = score_by_deadline(rr, q_tok, cands.docs, deadline, timings)

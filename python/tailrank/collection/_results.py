@@ -80,7 +80,30 @@ def score_by_deadline(
     deadline: float,
     timings: dict[str, float],
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Scores candidates best first-stage first, one batch per assembly, until the deadline."""
+    """Scores candidates best first-stage first, one batch per assembly, until the deadline;
+    pairs in the reranker's score cache first, at no cost."""
+    found = rr.lookup_scores(q_tok, docs)
+    if found is None:
+        return _score_by_deadline(rr, q_tok, docs, deadline, timings)
+    logits = found.logits.copy()
+    scored = np.ones(len(docs), dtype=bool)
+    truncated = rr.truncation_flags(q_tok, docs)
+    miss = found.miss
+    if miss.size:
+        got, done, _ = _score_by_deadline(rr, q_tok, [docs[i] for i in miss.tolist()], deadline, timings)
+        rr.store_scores(found, got, done)
+        logits[miss] = got
+        scored[miss] = done
+    return logits, scored, truncated
+
+
+def _score_by_deadline(
+    rr: CrossEncoder,
+    q_tok: npt.NDArray[np.int32],
+    docs: list[npt.NDArray[np.int32]],
+    deadline: float,
+    timings: dict[str, float],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     n = len(docs)
     logits = np.full((n, rr.n_labels), np.nan, dtype=np.float32)
     scored = np.zeros(n, dtype=bool)

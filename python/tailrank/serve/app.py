@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
+from .._validate import positive_int
 from .admission import Admission
 from .errors import ServeError, error_of, error_response
 from .executor import Executor, calibrate_reranker
@@ -37,6 +38,7 @@ from .metrics import ServeMetrics
 from .queue import Job, Queue
 from .routes import Reranker, Server, add_routes
 from .schemas import MAX_DEADLINE_MS
+from .score_cache import DEFAULT_SCORE_CACHE_BYTES, RequestCache
 from .validate import Limits
 
 __all__ = ["create_app", "Limits", "ServeError", "SCORING_NICE", "GIL_SWITCH_INTERVAL_S"]
@@ -102,6 +104,7 @@ def create_app(
     round_hook: Callable[[list[Job]], None] | None = None,
     scoring_nice: Priority = SCORING_NICE,
     gil_switch_interval_s: float | None = GIL_SWITCH_INTERVAL_S,
+    score_cache_bytes: int = DEFAULT_SCORE_CACHE_BYTES,
 ) -> FastAPI:
     """Builds the server's ASGI app.
 
@@ -130,12 +133,19 @@ def create_app(
         gil_switch_interval_s: ``sys.setswitchinterval`` while the app runs (restored at
             shutdown): how long the loop may wait for the GIL behind another thread's Python
             code. None leaves the process's setting.
+        score_cache_bytes: Size of the score cache (default 64 MiB; 0: off). Pairs scored before
+            (same query and document token ids) are answered from it without queueing, exactly
+            as scored; a ``reranker`` built with its own cache (``cache_bytes``/``score_cache``)
+            shares that one instead. Needs the model's ``score_fingerprint``.
     """
     from ..cross_encoder import CrossEncoder
 
     scoring_nice = check_priority(scoring_nice, "scoring_nice")
+    score_cache_bytes = positive_int(score_cache_bytes, "score_cache_bytes", minimum=0)
     if isinstance(reranker, (str, os.PathLike)):
-        reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice)
+        # The cache lives on the model, so a collection opened with it reaches the same one.
+        reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice,
+                                cache_bytes=score_cache_bytes)
     model: Reranker = reranker
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
@@ -175,7 +185,10 @@ def create_app(
                                        initializer=lower_thread_priority,
                                        initargs=(_tokenize_nice(scoring_nice),))
     server = Server(model, model.batcher(), admission, queue, executors, metrics, limits,
-                    float(default_deadline_ms), auto_truncate, name, tokenize_pool, collection, extra=extra)
+                    float(default_deadline_ms), auto_truncate, name, tokenize_pool, collection, extra=extra,
+                    score_cache=RequestCache.for_model(model, score_cache_bytes))
+    if server.score_cache is not None:
+        metrics.watch_score_cache(server.score_cache.cache.stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -52,6 +52,9 @@ def add_parser(sub: Any) -> None:
                    help="priority of the scoring threads below the HTTP event loop, so that requests are "
                    "admitted or refused at once while every CPU scores (Linux): idle (SCHED_IDLE, the "
                    "default) or nice steps 0-19 (0 turns it off)")
+    s.add_argument("--score-cache-bytes", type=int, default=None,
+                   help="memory for the score cache: repeated (query, document) pairs are answered from it, "
+                   "exactly as scored, without queueing (default 67108864 = 64 MiB; 0 turns it off)")
     s.add_argument("--model-name", default=None, help="name echoed in responses (default: the model dir's name)")
     for flag, _, help_ in _LIMIT_FLAGS:
         s.add_argument(flag, type=int, default=None, help=help_)
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from .._ort import check_priority
     from ..cross_encoder import CrossEncoder
     from .app import SCORING_NICE, Limits, create_app
+    from .score_cache import DEFAULT_SCORE_CACHE_BYTES
 
     api_key = args.api_key or os.environ.get("TAILRANK_API_KEY") or None
     if not _is_loopback(args.host) and api_key is None:
@@ -77,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"tailrank serve: --scoring-nice must be idle or an int in [0, 19], got {raw}", file=sys.stderr)
         return 2
-    model = CrossEncoder(args.reranker, threads=args.threads, device=args.device, spin=False, nice=nice)
+    cache_bytes = DEFAULT_SCORE_CACHE_BYTES if args.score_cache_bytes is None else args.score_cache_bytes
+    if cache_bytes < 0:
+        print(f"tailrank serve: --score-cache-bytes must be >= 0, got {cache_bytes}", file=sys.stderr)
+        return 2
+    # The cache lives on the model, so that the collection's reranking (same model) shares it.
+    model = CrossEncoder(args.reranker, threads=args.threads, device=args.device, spin=False, nice=nice,
+                         cache_bytes=cache_bytes)
     app = create_app(
         model,
         collection=args.collection,
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         auto_truncate=not args.no_auto_truncate,
         model_name=args.model_name,
         scoring_nice=nice,
+        score_cache_bytes=cache_bytes,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0

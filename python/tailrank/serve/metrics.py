@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["ServeMetrics", "CONTENT_TYPE_LATEST", "STAGES"]
@@ -78,5 +82,29 @@ class ServeMetrics:
             "tailrank_http_responses_total", "HTTP responses by path and status code", ["path", "code"], registry=r
         )
 
+    def watch_score_cache(self, stats: Callable[[], Any]) -> None:
+        """Exposes the score cache's counters (a ``CacheStats`` from ``stats()``), read at each scrape."""
+        self.registry.register(_ScoreCacheCollector(stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ScoreCacheCollector:
+    """The score cache keeps its own counters (the library shares them); this reads one snapshot."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        yield CounterMetricFamily("tailrank_score_cache_hits", "Pairs answered from the score cache", value=s.hits)
+        yield CounterMetricFamily("tailrank_score_cache_misses", "Pairs looked up and not found (then scored)",
+                                  value=s.misses)
+        yield CounterMetricFamily("tailrank_score_cache_evictions", "Entries dropped to stay within the size",
+                                  value=s.evictions)
+        yield GaugeMetricFamily("tailrank_score_cache_entries", "Pairs held by the score cache", value=s.entries)
+        yield GaugeMetricFamily("tailrank_score_cache_bytes", "Memory charged to the score cache's entries",
+                                value=s.bytes)
+        yield GaugeMetricFamily("tailrank_score_cache_capacity_bytes", "Size limit of the score cache",
+                                value=s.capacity_bytes)

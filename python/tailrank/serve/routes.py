@@ -24,7 +24,9 @@ from .errors import BatchFailed, Rejected, ServeError, error_of
 from .executor import Executor
 from .gate import arrival_of
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from .._score_cache import CacheLookup
 from .queue import JobResult, Queue, make_job
+from .score_cache import RequestCache
 from .schemas import (
     MAX_DEADLINE_MS,
     CohereRerankRequest,
@@ -83,6 +85,7 @@ class Server:
     search_pool: ThreadPoolExecutor | None = None
     pending_searches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    score_cache: RequestCache | None = None
 
     @property
     def n_special(self) -> int:
@@ -121,16 +124,17 @@ class Server:
         t0 = time.perf_counter()
         pairs: Pairs | None = None
         try:
-            pairs = await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, partial(tokenize_pairs, self.model, self.rules, spec, self.limits))
+            pairs, found = await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_pool, partial(self._tokenize, spec))
         except (ValueError, TypeError) as e:
             raise self.refuse(e) from None
         finally:
             t_tok = time.perf_counter() - t0
             self.admission.tokenized(ticket, tokens=pairs.tokens if pairs is not None else 0,
                                      seconds=t_tok if pairs is not None else None)
+        assert pairs is not None
         self.metrics.stage_seconds.labels("tokenize").observe(t_tok)
-        result = await self.run_job("rerank", pairs, deadline, int(self.model.n_labels), request)
+        result = await self.score_pairs(pairs, found, deadline, request)
         self.metrics.stage_seconds.labels("score").observe(result.score_s)
         if result.degraded:
             self.metrics.degraded.inc()
@@ -150,7 +154,8 @@ class Server:
         t0 = time.perf_counter() - (time.monotonic() - arrival)  # perf_counter at the arrival
         per_pair = self.admission.tokens_per_pair or float(self.model.max_length)
         rerank_tokens = int(plan.candidates * per_pair) if plan.rerank else 0
-        est = self.admission.estimate_tokens(0, [len(plan.query)], int(emb.max_length), 2) + rerank_tokens
+        est = self.admission.estimate_tokens(0, [len(plan.query)], int(emb.max_length),
+                                             int(self.extra["embed_special"])) + rerank_tokens
         chars = len(plan.query) * (2 if plan.rerank else 1)
         try:
             ticket = self.admission.before_tokenizing(est, 1 + (plan.candidates if plan.rerank else 0), chars,
@@ -179,16 +184,8 @@ class Server:
         if not plan.rerank or cands.keys.size == 0 or cands.docs is None:
             return coll.finish_search(plan, cands, t0=t0)
         pairs = _candidate_pairs(rr_tok, cands.docs, int(self.model.max_length), self.n_special)
-        job = make_job("rerank", pairs, deadline, int(self.model.n_labels))
-        try:
-            fut = self.queue.submit(job, loop)
-        except (Rejected, BatchFailed):  # no room in time: first-stage order, as a deadline would leave
-            self.metrics.degraded.inc()
-            return coll.finish_search(plan, cands, np.zeros(job.n), np.zeros(job.n, bool), t0=t0)
-        try:
-            result = await self.queue.wait(job, fut, deadline, _disconnected(request.receive))
-        except BatchFailed as e:
-            raise error_of(e) from None
+        found = await loop.run_in_executor(self.tokenize_pool, self.lookup, pairs) if self.score_cache else None
+        result = await self.score_pairs(pairs, found, deadline, request, degrade_on_refusal=True)
         cands.timings["queue"] = result.queue_s * 1000.0
         cands.timings["score"] = result.score_s * 1000.0
         if result.degraded:
@@ -212,6 +209,45 @@ class Server:
             raise self.refuse(e) from None
         finally:
             self.pending_searches -= 1
+
+    def _tokenize(self, spec: RerankSpec) -> tuple[Pairs, CacheLookup | None]:
+        """On the tokenizing thread: the request's pairs, and the score cache's hits among them
+        (hashing there, not on the loop)."""
+        pairs = tokenize_pairs(self.model, self.rules, spec, self.limits)
+        return pairs, self.lookup(pairs)
+
+    def lookup(self, pairs: Pairs) -> CacheLookup | None:
+        """Where a request's pairs become a scoring job: the score cache's hits (None: no cache)."""
+        if self.score_cache is None:
+            return None
+        return self.score_cache.lookup(pairs.queries, pairs.query_index, pairs.docs)
+
+    async def score_pairs(self, pairs: Pairs, found: CacheLookup | None, deadline: float, request: Request,
+                          *, degrade_on_refusal: bool = False) -> JobResult:
+        """Scores a request's pairs: cache hits at once, the misses as one rerank job of the queue;
+        the job's scores come back into the cache. ``degrade_on_refusal``: a job the queue
+        cannot take in time leaves the pairs unscored instead of answering 429."""
+        cache = self.score_cache
+        if found is not None and found.all_hit:  # every pair cached: nothing to queue
+            assert cache is not None
+            return cache.finish(found, None)
+        job_pairs = pairs
+        if found is not None:
+            m = RequestCache.misses(found, pairs.query_index, pairs.docs, pairs.lengths)
+            job_pairs = Pairs(pairs.queries, m.query_index, m.docs, m.lengths)
+        job = make_job("rerank", job_pairs, deadline, int(self.model.n_labels))
+        try:
+            fut = self.queue.submit(job, asyncio.get_running_loop())
+        except (Rejected, BatchFailed) as e:
+            if not degrade_on_refusal:
+                raise self.refuse(e) from None
+            result = JobResult(job.values.copy(), job.scored.copy(), 0.0, 0.0)  # nothing scored
+        else:
+            try:
+                result = await self.queue.wait(job, fut, deadline, _disconnected(request.receive))
+            except BatchFailed as e:
+                raise error_of(e) from None
+        return result if found is None else cache.finish(found, result)  # type: ignore[union-attr]
 
     async def run_job(self, kind: Any, pairs: Pairs, deadline: float, width: int, request: Request) -> JobResult:
         """Queues one job and waits for it (deadline, disconnect); refusals as ServeError."""
