@@ -28,10 +28,20 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tailrank import CrossEncoder  # noqa: E402
-from tailrank.serve import Limits, create_app  # noqa: E402
+from tailrank.serve import Limits  # noqa: E402
+from tailrank.serve import create_app as serve_app  # noqa: E402
 from tailrank.serve.loadgen import arrival_times, run_open_loop_async, summarize  # noqa: E402
 
 KEY = "test-key-5"
+
+
+def create_app(model: Any, **kw: Any) -> Any:
+    """The app as these tests build it: scoring at normal priority (a SCHED_IDLE scorer gets no
+    CPU at all while other processes keep both cores busy) and no default deadline that a busy
+    machine could reach; the tests of those defaults pass them explicitly."""
+    kw.setdefault("scoring_nice", 0)
+    kw.setdefault("default_deadline_ms", 600_000)
+    return serve_app(model, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +419,7 @@ def test_overload_refuses_what_cannot_meet_its_deadline_and_serves_the_rest(ce: 
 def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: CrossEncoder) -> None:
     me = os.sched_getscheduler(0)
     interval = sys.getswitchinterval()
-    app = create_app(ce)
+    app = serve_app(ce)  # the defaults themselves
     with client(app) as c:
         assert os.sched_getscheduler(app.state.tailrank.executors["rerank"].thread.native_id) == os.SCHED_IDLE
         assert os.sched_getscheduler(app.state.tailrank.queue.thread.native_id) == os.SCHED_IDLE  # the batcher
