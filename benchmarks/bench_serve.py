@@ -21,6 +21,15 @@ for ``--duration`` seconds each, every request carrying ``X-Request-Timeout-Ms: 
 RSS is sampled every second. Latency percentiles are of the 200 responses; goodput counts the 200s
 that are complete (not degraded) and within the deadline.
 
+``--before-python DIR`` adds the system ``before``: the same ``tailrank serve`` command run from
+another checkout's ``python/`` tree (with its own built ``_core``), so that a change is measured
+against the code before it in the same run, on the same machine, model, data and threads.
+``--endpoint search`` loads ``/search`` instead of ``/rerank``: a SciFact collection of
+``--collection-docs`` abstracts (the default all-MiniLM-L6-v2 embedder, this cross-encoder; built
+once into ``--work``), one request = one claim, ``k`` 10 and ``--candidates`` reranked. The score
+cache is off in every tailrank server (``--score-cache-bytes``, default 0): the cycled requests
+would otherwise be answered from it.
+
 Targets checked: at 0.7x saturation p99 <= 2 x p50; at 2x, admitted requests' p99 <= the deadline
 and 429s answer within 10 ms p99; RSS flat over the overload period (growth over its last 80%
 < 5% and < 50 MB). Writes ``serve.json``, ``serve.md`` and ``serve_latency.png`` under ``--out``.
@@ -109,12 +118,14 @@ def free_port() -> int:
 class Server:
     """A server process on a free port; stopped on exit."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, log_path: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, log_path: Path,
+                 python_path: str | None = None) -> None:
         self.name, self.cmd, self.port, self.ready_path = name, cmd, port, ready_path
         self.base = f"http://127.0.0.1:{port}"
+        self.python_path = python_path or str(REPO_ROOT / "python")
         self._log = open(log_path, "wb")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "python"), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.python_path, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
@@ -150,13 +161,17 @@ class Server:
         self._log.close()
 
 
-def start_tailrank(args: argparse.Namespace, model_dir: str, work: Path) -> Server:
+def start_tailrank(args: argparse.Namespace, model_dir: str, work: Path, name: str = "tailrank",
+                   python_path: str | None = None) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "tailrank.cli", "serve", "--reranker", model_dir, "--port", str(port),
-           "--threads", str(args.threads), "--log-level", "warning", "--default-deadline-ms", str(args.deadline_ms)]
+           "--threads", str(args.threads), "--log-level", "warning", "--default-deadline-ms", str(args.deadline_ms),
+           "--score-cache-bytes", str(args.score_cache_bytes)]
     if args.max_batch_tokens:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
-    return Server("tailrank", cmd, port, "/ready", work / "tailrank-serve.log")
+    if args.endpoint == "search":
+        cmd += ["--collection", str(args.collection)]
+    return Server(name, cmd, port, "/ready", work / f"{name}-serve.log", python_path)
 
 
 def start_baseline(args: argparse.Namespace, work: Path) -> Server:
@@ -170,9 +185,33 @@ def start_baseline(args: argparse.Namespace, work: Path) -> Server:
 # measurements
 
 
+# Set by run(): the body of a rerank (or, with --endpoint search, a search) request.
+_SEARCH_CANDIDATES: int | None = None
+
+
 def body_of(request: tuple[str, list[str]]) -> dict[str, Any]:
     query, docs = request
+    if _SEARCH_CANDIDATES is not None:
+        return {"query": query, "k": 10, "candidates": _SEARCH_CANDIDATES}
     return {"model": "bench", "query": query, "documents": docs, "top_n": 10}
+
+
+def build_collection(args: argparse.Namespace, model_dir: str, work: Path) -> Path:
+    """A SciFact collection of the first --collection-docs abstracts (built once into --work)."""
+    path = Path(args.collection) if args.collection else work / f"scifact-{args.collection_docs}"
+    if (path / "manifest.json").exists():
+        return path
+    from tailrank import Collection, CrossEncoder, Embedder
+    from tailrank.bench.workload import load_corpus
+    from tailrank.embedder import default_embedder_dir
+
+    corpus = load_corpus(args.data)
+    n = min(args.collection_docs, len(corpus.ids))
+    col = Collection.create(path, embedder=Embedder(default_embedder_dir(), threads=args.threads),
+                            reranker=CrossEncoder(model_dir, threads=args.threads))
+    col.add(list(corpus.texts[:n]), ids=[str(x) for x in corpus.ids[:n]])
+    col.close()
+    return path
 
 
 def saturation(url: str, requests: Sequence[tuple[str, list[str]]], clients: int, duration_s: float) -> dict[str, Any]:
@@ -438,29 +477,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deadline_ms": args.deadline_ms, "duration_s": args.duration, "threads": args.threads,
         "load_factors": args.load_factors, "systems": {},
     }
+    global _SEARCH_CANDIDATES
+    if args.endpoint == "search":
+        args.collection = str(build_collection(args, model_dir, work))
+        _SEARCH_CANDIDATES = args.candidates
+        res["collection"] = {"path": args.collection, "docs": args.collection_docs}
+    res["endpoint"] = args.endpoint
     systems = [s for s in args.systems.split(",") if s]
     base_rate: float | None = None
     for name in systems:
-        server = start_tailrank(args, model_dir, work) if name == "tailrank" else start_baseline(args, work)
+        if name == "tailrank":
+            server = start_tailrank(args, model_dir, work)
+        elif name == "before":
+            if not args.before_python:
+                raise SystemExit("the system `before` needs --before-python DIR")
+            server = start_tailrank(args, model_dir, work, "before", args.before_python)
+        else:
+            if args.endpoint == "search":
+                raise SystemExit("the baseline server has no /search")
+            server = start_baseline(args, work)
         try:
             server.wait_ready()
-            url = server.base + "/rerank"
+            url = server.base + "/" + args.endpoint
+            res.setdefault("load", {})[name] = os.getloadavg()
             for req in requests[:2]:  # warm-up, not timed
                 httpx.post(url, json=body_of(req), timeout=args.client_timeout).raise_for_status()
             print(f"{name}: saturation ...", flush=True)
             sat = saturation(url, requests, args.saturation_clients, args.saturation_duration)
-            out: dict[str, Any] = {"command": server.cmd, "saturation": sat, "rates": []}
+            out: dict[str, Any] = {"command": server.cmd, "pythonpath": server.python_path, "saturation": sat,
+                                   "rates": []}
             if base_rate is None:  # every system is offered the same rates: those of the first (or --base-rate)
                 base_rate = args.base_rate or sat["rps"]
             for i, f in enumerate(args.load_factors):
                 rate = f * base_rate
                 print(f"{name}: {f:g}x = {rate:.3f} req/s for {args.duration:g} s ...", flush=True)
                 summary, _ = open_loop(url, requests, rate, args, args.seed + i)
-                out["rates"].append({"factor": f, "rate": rate, **summary})
-            if name == "tailrank" and args.probe_duration > 0:
+                out["rates"].append({"factor": f, "rate": rate, "loadavg": os.getloadavg(), **summary})
+            if name == "tailrank" and args.probe_duration > 0 and args.endpoint == "rerank":
                 print(f"{name}: rejection probe {args.probe_rate:g}/s for {args.probe_duration:g} s ...", flush=True)
                 out["reject_probe"] = reject_probe(url, requests, args)
-            if name == "tailrank" and args.overload_duration > 0:
+            if name == "tailrank" and args.overload_duration > 0 and args.endpoint == "rerank":
                 rate = args.overload_factor * base_rate
                 print(f"{name}: overload {args.overload_factor:g}x for {args.overload_duration:g} s (RSS) ...", flush=True)
                 out["overload"] = overload_rss(server, url, requests, rate, args)
@@ -507,6 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-fill-clients", type=int, default=3, help="closed-loop clients keeping the scorer busy")
     p.add_argument("--max-batch-tokens", type=int, default=None)
     p.add_argument("--baseline-batch-size", type=int, default=32)
+    p.add_argument("--endpoint", choices=["rerank", "search"], default="rerank")
+    p.add_argument("--collection", default=None, help="collection served at /search (default: built into --work)")
+    p.add_argument("--collection-docs", type=int, default=2000, help="SciFact abstracts in the built collection")
+    p.add_argument("--before-python", default=None,
+                   help="python/ tree (with its _core) of the code before a change: the system `before`")
+    p.add_argument("--score-cache-bytes", type=int, default=0, help="score cache of the tailrank servers")
+    p.add_argument("--tag", default="serve", help="output file names: <tag>.json, <tag>.md")
     p.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -514,10 +577,11 @@ def main(argv: list[str] | None = None) -> int:
         return serve_baseline(args)
     res = run(args)
     out = Path(args.out)
-    write_json(out / "serve.json", res)
-    plot(res, out / "serve_latency.png")
+    write_json(out / f"{args.tag}.json", res)
+    if args.endpoint == "rerank" and "tailrank" in res["systems"]:
+        plot(res, out / f"{args.tag}_latency.png")
     md = markdown(res)
-    write_text(out / "serve.md", md)
+    write_text(out / f"{args.tag}.md", md)
     print(md)
     return 0
 

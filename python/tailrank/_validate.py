@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .errors import LimitError
+
 _MAX_ID = 2**63 - 1
 
 
@@ -88,3 +90,24 @@ def existing_file(path: Any) -> str:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"no such file: {p}")
     return p
+
+
+def check_text(text: Any, name: str, *, max_chars: int | None = None, hint: str = "") -> str:
+    """``text`` when the tokenizers and the core can take it, else a typed error naming ``name``.
+
+    TypeError if it is not a ``str``; ValueError if it does not encode as UTF-8 (a lone
+    surrogate, which JSON's ``\\ud800`` escapes can carry); :class:`LimitError` if it is longer
+    than ``max_chars`` (``hint`` says which setting raises it). NUL is a character like any other.
+    """
+    if not isinstance(text, str):
+        extra = " (decode bytes as UTF-8 first)" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}{extra}")
+    if max_chars is not None and len(text) > max_chars:
+        raise LimitError(f"{name} has {len(text)} characters; the limit is {max_chars}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} is not valid Unicode (lone surrogate at {e.start}); decode bytes as UTF-8 first"
+        ) from None
+    return text

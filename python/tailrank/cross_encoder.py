@@ -31,7 +31,7 @@ from ._ort import (
 )
 from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
 from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
-from ._validate import as_token_ids, positive_int
+from ._validate import as_token_ids, check_text, positive_int
 from .docstore import DocStore
 from .errors import ModelError
 from .pairs import Assembly, PairBatcher, PairTemplate
@@ -275,7 +275,12 @@ class CrossEncoder:
     # --- tokenization ------------------------------------------------------------------------
 
     def _encode(self, texts: Sequence[str]) -> list[npt.NDArray[np.int32]]:
-        encs = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        try:
+            encs = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            for i, t in enumerate(texts):  # name the text the tokenizer refused
+                check_text(t, f"text {i}")
+            raise
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
     def _doc_tokens(self, docs: Sequence[str], query_len: int) -> list[npt.NDArray[np.int32]]:

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from ._ort import (
     ORT_FLOAT,
+    Priority,
     cache_root,
+    check_priority,
     default_max_length,
     file_fingerprint,
     find_onnx,
@@ -41,7 +43,7 @@ from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_lengt
 from ._validate import positive_int
 from .cross_encoder import _check_vocab, _load_tokenizer
 from .errors import ModelError
-from .pairs import Assembly, PairTemplate, _find_processor, _pad_id, _tokenizer_json
+from .pairs import Assembly, PairBatcher, PairTemplate, _find_processor, _pad_id, _tokenizer_json
 
 __all__ = [
     "Embedder",
@@ -298,6 +300,10 @@ class Embedder:
         threads: ONNX Runtime intra-op threads. Default: the CPUs this process may use.
         device: ``"auto"`` (CUDA when onnxruntime-gpu sees a GPU, else the CPU), ``"cpu"`` or
             ``"cuda"`` (falls back to the CPU with a warning).
+        spin: Let idle ONNX Runtime threads busy-wait for work; False for servers (as
+            :class:`~tailrank.CrossEncoder`).
+        nice: Run ONNX Runtime's intra-op threads this many nice steps lower, or ``"idle"``
+            (Linux's SCHED_IDLE), as :class:`~tailrank.CrossEncoder` does.
 
     Attributes:
         dim: Embedding size.
@@ -321,9 +327,12 @@ class Embedder:
         max_batch_size: int | None = None,
         threads: int | None = None,
         device: str = "auto",
+        spin: bool = True,
+        nice: Priority = 0,
     ) -> None:
         if threads is not None:
             positive_int(threads, "threads")
+        nice = check_priority(nice)
         # First attribute on purpose: attributes are released in order, so the per-thread
         # IOBindings go before the session they point into.
         self._local = threading.local()
@@ -364,7 +373,7 @@ class Embedder:
 
         if device == "openvino":  # its runner sizes host buffers for "cpu" alone; parity is checked there
             raise ValueError('Embedder runs on device "auto", "cpu" or "cuda"')
-        self._session, self.device = load_session(onnx_path, device=device, threads=threads)
+        self._session, self.device = load_session(onnx_path, device=device, threads=threads, spin=spin, nice=nice)
         self.input_names, in_dtype = text_inputs(self._session, onnx_path, "bi-encoder")
         self._in_dtype = np.dtype(in_dtype)
         self._read_output(onnx_path)
@@ -437,6 +446,19 @@ class Embedder:
     def tokenize(self, texts: Iterable[str]) -> list[npt.NDArray[np.int32]]:
         """Token ids of ``texts`` (no special tokens, untruncated)."""
         return self._encode_ids(_as_texts(texts))
+
+    # --- building blocks for schedulers (the server) ------------------------------------------
+
+    def batcher(self, max_batch_size: int | None = None) -> PairBatcher:
+        """This thread's single-sequence batcher (assemble token ids with an empty query)."""
+        rows = self.max_batch_size if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
+        return self._worker().batcher(self, rows)
+
+    def encode_assembly(self, assembly: Assembly) -> npt.NDArray[np.float32]:
+        """Embeds the texts of an assembly (from :meth:`batcher`): float32 [texts, dim], input order."""
+        out = np.empty((assembly.truncated.size, self.dim), dtype=np.float32)
+        self._worker().run(self, assembly, out)
+        return out
 
     def encode(
         self, texts: Iterable[str], *, batch_size: int | None = None, show_progress: bool = False

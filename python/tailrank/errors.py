@@ -11,6 +11,7 @@ __all__ = [
     "ModelMismatchError",
     "FilterError",
     "DuplicateIdError",
+    "LimitError",
 ]
 
 
@@ -47,3 +48,7 @@ class FilterError(TailrankError, ValueError):
 
 class DuplicateIdError(TailrankError, ValueError):
     """An id given twice in one call, or added when it already exists (use upsert)."""
+
+
+class LimitError(TailrankError, ValueError):
+    """An input larger than a configured limit (characters, documents, tokens, filter size)."""

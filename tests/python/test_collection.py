@@ -383,7 +383,7 @@ def test_served_search_on_a_real_collection(filled):
     want = col.search("protein binding", k=5, candidates=30, filter={"lang": "en"})
     app = create_app(col.reranker, collection=col)
     with TestClient(app) as c:
-        assert app.state.tailrank.scheduler.wait_ready(60)
+        assert app.state.tailrank.wait_ready(60)
         r = c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 30, "filter": {"lang": "en"}})
         assert r.status_code == 200, r.text
         body = r.json()

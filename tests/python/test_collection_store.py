@@ -256,6 +256,7 @@ def test_open_and_server_start_racing_commits_lose_nothing(tmp_path, emb_dir, ce
         acked = lines.acked()
         app = create_app(str(Path(ce_dir)), collection=str(path))
         with TestClient(app) as c:
+            assert app.state.tailrank.wait_ready(60)  # /search is admitted like /rerank: 503 until calibrated
             served = app.state.tailrank.collection
             assert served._applied >= acked
             assert served.chunk_count == len(model["simulate"](served._applied))

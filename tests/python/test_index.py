@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -605,26 +606,40 @@ def test_concurrent_search_add_delete(make_mixture, tmp_path: Path) -> None:
     assert len(mid) == len(mid.ids()) > 0
 
 
-def _ticks_during(call) -> tuple[float, list[float]]:
-    """Runs call() on this thread while another Python thread ticks; returns its duration and
-    the tick times that fell inside it."""
-    ticks: list[float] = []
-    stop = threading.Event()
+def _another_thread_ran_inside(calls) -> int:
+    """Runs the calls one by one on this thread while another Python thread ticks; returns how
+    many calls ran before one of its ticks fell inside a call (0 if none ever did).
+
+    No clock: the switch interval is made far longer than the test, so this thread keeps the GIL
+    between calls, and the ticker (which sleeps, releasing it, between ticks) can take it only
+    when a call releases it. A call that held the GIL would never let it tick.
+    """
+    state = {"ticks": 0, "stop": False}
+    go = threading.Event()
 
     def ticker() -> None:
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.001)
+        go.wait()
+        while not state["stop"]:
+            state["ticks"] += 1
+            time.sleep(0.0005)
 
-    t = threading.Thread(target=ticker)
+    t = threading.Thread(target=ticker, daemon=True)
     t.start()
-    time.sleep(0.02)
-    start = time.perf_counter()
-    call()
-    end = time.perf_counter()
-    stop.set()
-    t.join(timeout=10)
-    return end - start, [start] + [x for x in ticks if start <= x <= end] + [end]
+    interval = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(1000.0)
+        go.set()
+        for n, call in enumerate(calls, 1):
+            before = state["ticks"]
+            call()
+            if state["ticks"] > before:
+                return n
+        return 0
+    finally:
+        sys.setswitchinterval(interval)
+        state["stop"] = True
+        go.set()
+        t.join(timeout=60)
 
 
 @pytest.mark.parametrize("op", ["search", "add"])
@@ -633,15 +648,9 @@ def test_heavy_calls_release_the_gil(embeddings, op: str) -> None:
     index = VectorIndex(EMBED_DIM, "cosine", ef_construction=100)
     if op == "search":
         index.add(data, np.arange(len(data)))
-        queries = embeddings.sample(500, seed=22)
-        while True:  # long enough that a held GIL would stall the ticker visibly
-            duration, _ = _ticks_during(lambda: index.search(queries, 10, ef=400, threads=1))
-            if duration > 0.3 or len(queries) > 64_000:
-                break
-            queries = np.concatenate([queries, queries])
-        duration, window = _ticks_during(lambda: index.search(queries, 10, ef=400, threads=1))
+        queries = np.ascontiguousarray(embeddings.sample(500, seed=22), dtype=np.float32)
+        calls = [lambda: index.search(queries, 10, ef=400, threads=1)] * 50
     else:
-        duration, window = _ticks_during(lambda: index.add(data, np.arange(len(data)), threads=1))
-    gaps = np.diff(window)
-    assert len(window) - 2 >= 10, f"the other thread ticked {len(window) - 2} times in {duration:.2f}s"
-    assert gaps.max() < duration / 3, f"the other thread stalled {gaps.max():.2f}s of {duration:.2f}s"
+        calls = [lambda i=i: index.add(data[i : i + 100], np.arange(i, i + 100), threads=1)
+                 for i in range(0, len(data), 100)]
+    assert _another_thread_ran_inside(calls) >= 1, "no other thread ran while the core worked: the GIL was held"

@@ -39,7 +39,7 @@ from ._manifest import (
     read_manifest,
     recorded_dir,
 )
-from ._results import SearchResult, build_result, ms, score_by_deadline
+from ._results import Candidates, SearchPlan, SearchResult, build_result, ms, score_by_deadline
 
 _WRITER_LOCK = ".writer.lock"
 _EMBED_CHUNK = 256  # texts per embedding call during ingest (progress granularity)
@@ -724,7 +724,9 @@ class Collection:
         reranks them with the cross-encoder and returns the best ``k`` documents.
 
         The whole search (allow-set, ANN, token gather, texts) reads one committed state; writes
-        committed by other processes are applied first when this process is not writing.
+        committed by other processes are applied first when this process is not writing. It is
+        the three stages a scheduler runs one by one (:meth:`plan_search`, :meth:`first_stage`,
+        :meth:`finish_search`), with the embedding and the scoring in between.
 
         Args:
             filter: Metadata conditions (see :mod:`tailrank.collection._filters`):
@@ -742,74 +744,145 @@ class Collection:
             FilterError: A malformed filter (nothing is searched).
         """
         t0 = time.perf_counter()
-        check_query(query)
-        k = positive_int(k, "k")
-        candidates = max(positive_int(candidates, "candidates"), k)
+        plan = self.plan_search(query, k=k, candidates=candidates, filter=filter, rerank=rerank, ef=ef)
         if deadline_ms is not None and (
             isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0
         ):
             raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
         deadline = None if deadline_ms is None else time.monotonic() + float(deadline_ms) / 1000.0
-        docs_sql, params = _filters.to_sql(_filters.parse(filter)) if filter is not None else (None, [])
         rr = self.reranker
-        do_rerank = rerank and rr is not None and self._has_store
-        if rerank and not do_rerank:
-            raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
-        timings = {"embed": 0.0, "ann": 0.0, "assemble": 0.0, "score": 0.0}
         t = time.perf_counter()
         qvec = self.embedder.encode([query])[0]
-        timings["embed"] = ms(t)
-        q_tok = rr.tokenize([query])[0] if do_rerank and rr is not None else None
-        self._maybe_refresh()
-
-        assembly = None
-        docs: list[npt.NDArray[np.int32]] | None = None
-        empty = np.zeros(0, dtype=np.int64)
-        with self._rw.read(), self._snapshot() as db:
-            allow = _log.allowed_keys(db, docs_sql, params) if docs_sql is not None else None
-            if allow is not None and allow.size == 0:
-                keys, first, info = empty, np.zeros(0, np.float32), {}
-            else:
-                index, store, fresh = self._index, self._store, self._fresh
-                t = time.perf_counter()
-                # The fused call assembles every candidate; a score cache wants the tokens first.
-                if do_rerank and rr is not None and rr.score_cache is None and deadline is None and fresh.count == 0:
-                    assert rr is not None and store is not None and q_tok is not None
-                    keys, first, assembly = retrieve_and_assemble(
-                        index, store, rr.batcher(), qvec, q_tok, k=candidates, ef=ef, allow=allow
-                    )
-                else:
-                    keys, first = self._first_stage(index, fresh, qvec, candidates, ef, allow)
-                    if do_rerank:
-                        assert store is not None
-                        docs = [store.get(int(x)) for x in keys]  # copies: scored after the lock
-                timings["ann"] = ms(t)
-                info = self._texts(db, keys, None if do_rerank else k)
-        if not do_rerank or keys.size == 0:
-            return build_result(keys, first, info, [], None, None, False, timings, t0, k)
+        embed_ms = ms(t)
+        q_tok = rr.tokenize([query])[0] if plan.rerank and rr is not None else None
+        # The fused call assembles every candidate; a score cache wants the tokens first.
+        fused = deadline is None and (rr is None or rr.score_cache is None)
+        cands = self.first_stage(plan, qvec, q_tok, assemble=fused)
+        cands.timings["embed"] = embed_ms
+        if not plan.rerank or cands.keys.size == 0:
+            return self.finish_search(plan, cands, t0=t0)
         assert rr is not None and q_tok is not None
-        if assembly is not None or deadline is None:
+        timings = cands.timings
+        if cands.assembly is not None or deadline is None:
+            assembly = cands.assembly
             if assembly is None and rr.score_cache is not None:
-                assert docs is not None
+                assert cands.docs is not None
                 t = time.perf_counter()
-                logits, truncated = rr.score_tokens(q_tok, docs)  # hits from the cache, misses scored
+                logits, truncated = rr.score_tokens(q_tok, cands.docs)  # hits from the cache, misses scored
                 timings["score"] = ms(t)
-                scored = np.ones(len(docs), dtype=bool)
+                scored = np.ones(len(cands.docs), dtype=bool)
             else:
                 if assembly is None:
-                    assert docs is not None
+                    assert cands.docs is not None
                     t = time.perf_counter()
-                    assembly = rr.batcher().assemble(q_tok, docs)
+                    assembly = rr.batcher().assemble(q_tok, cands.docs)
                     timings["assemble"] = ms(t)
                 t = time.perf_counter()
                 logits, scored = rr.score_assembly(assembly)
                 timings["score"] = ms(t)
                 truncated = assembly.truncated
         else:
-            assert docs is not None
-            logits, scored, truncated = score_by_deadline(rr, q_tok, docs, deadline, timings)
+            assert cands.docs is not None
+            logits, scored, truncated = score_by_deadline(rr, q_tok, cands.docs, deadline, timings)
         scores = rr.scores_from_logits(np.nan_to_num(logits))
-        return build_result(keys, first, info, scores, scored, truncated, bool(not scored.all()), timings, t0, k)
+        return self.finish_search(plan, cands, scores, scored, truncated, t0=t0)
+
+    def plan_search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        candidates: int = 100,
+        filter: Mapping[str, Any] | None = None,
+        rerank: bool = True,
+        ef: int | None = None,
+    ) -> SearchPlan:
+        """Stage 0 of :meth:`search`: checks its arguments and compiles the filter (no I/O).
+
+        Raises:
+            FilterError: A malformed filter. ModelError: ``rerank`` without a reranker.
+        """
+        check_query(query)
+        k = positive_int(k, "k")
+        candidates = max(positive_int(candidates, "candidates"), k)
+        if ef is not None:
+            ef = positive_int(ef, "ef")
+        docs_sql, params = _filters.to_sql(_filters.parse(filter)) if filter is not None else (None, [])
+        where = (docs_sql, params) if docs_sql is not None else None
+        do_rerank = bool(rerank) and self.reranker is not None and self._has_store
+        if rerank and not do_rerank:
+            raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
+        return SearchPlan(query, k, candidates, where, do_rerank, ef)
+
+    def first_stage(
+        self,
+        plan: SearchPlan,
+        query_vector: npt.NDArray[np.float32],
+        query_tokens: npt.NDArray[np.int32] | None = None,
+        *,
+        assemble: bool = False,
+    ) -> Candidates:
+        """Stage 1 of :meth:`search`: allow-set, ANN walk, the candidates' texts and (to rerank)
+        copies of their reranker tokens, all from one committed state.
+
+        Args:
+            plan: From :meth:`plan_search`.
+            query_vector: The query's embedding (``self.embedder``).
+            query_tokens: The query's reranker token ids (to rerank).
+            assemble: Also assemble the pairs during the walk (one native call; no deadline
+                then, the scorer takes the whole assembly).
+        """
+        self._maybe_refresh()
+        empty = np.zeros(0, dtype=np.int64)
+        assembly = None
+        docs: list[npt.NDArray[np.int32]] | None = None
+        timings = {"embed": 0.0, "ann": 0.0, "assemble": 0.0, "score": 0.0}
+        with self._rw.read(), self._snapshot() as db:
+            allow = _log.allowed_keys(db, *plan.where) if plan.where is not None else None
+            if allow is not None and allow.size == 0:
+                keys, first = empty, np.zeros(0, np.float32)
+            else:
+                index, store, fresh = self._index, self._store, self._fresh
+                t = time.perf_counter()
+                rr = self.reranker
+                if plan.rerank and assemble and fresh.count == 0 and query_tokens is not None:
+                    assert rr is not None and store is not None
+                    keys, first, assembly = retrieve_and_assemble(
+                        index, store, rr.batcher(), query_vector, query_tokens, k=plan.candidates, ef=plan.ef,
+                        allow=allow,
+                    )
+                else:
+                    keys, first = self._first_stage(index, fresh, query_vector, plan.candidates, plan.ef, allow)
+                    if plan.rerank:
+                        assert store is not None
+                        docs = [store.get(int(x)) for x in keys]  # copies: scored after the lock
+                timings["ann"] = ms(t)
+            info = self._texts(db, keys, None if plan.rerank else plan.k) if keys.size else {}
+        return Candidates(keys, first, info, docs, assembly, timings)
+
+    def finish_search(
+        self,
+        plan: SearchPlan,
+        cands: Candidates,
+        scores: npt.ArrayLike | None = None,
+        scored: npt.NDArray[np.bool_] | None = None,
+        truncated: npt.NDArray[np.bool_] | None = None,
+        *,
+        t0: float | None = None,
+    ) -> SearchResult:
+        """Stage 2 of :meth:`search`: the hits from the candidates and their rerank scores (None:
+        not reranked; ``scored`` marks the candidates scored before a deadline). The one place
+        the final order is computed from first-stage and rerank scores.
+
+        Args:
+            t0: ``time.perf_counter()`` at the search's start (``timings["total"]``).
+        """
+        t0 = time.perf_counter() if t0 is None else t0
+        if scores is None or cands.keys.size == 0:
+            return build_result(cands.keys, cands.first, cands.info, [], None, None, False, cands.timings, t0, plan.k)
+        mask = np.ones(cands.keys.size, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+        return build_result(cands.keys, cands.first, cands.info, scores, mask, truncated, bool(not mask.all()),
+                            cands.timings, t0, plan.k)
 
     def _texts(
         self, db: sqlite3.Connection, keys: npt.NDArray[np.int64], k: int | None

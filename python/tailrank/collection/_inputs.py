@@ -15,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 import numpy.typing as npt
 
-from .._validate import as_float_matrix
+from .._validate import as_float_matrix, check_text
 from ..errors import DuplicateIdError
 
 DocId = Union[int, str]
@@ -23,12 +23,9 @@ _INT64 = (-(2**63), 2**63)
 
 
 def check_unicode(text: str, what: str) -> str:
-    """``text`` if it encodes as UTF-8, else ValueError naming ``what`` and the position."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode (lone surrogate at {e.start}); decode bytes as UTF-8 first") from e
-    return text
+    """``text`` if it encodes as UTF-8, else ValueError naming ``what`` and the position (the
+    package's one string validator, :func:`tailrank._validate.check_text`)."""
+    return check_text(text, what)
 
 
 def check_query(query: Any) -> str:

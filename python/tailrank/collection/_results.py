@@ -43,6 +43,32 @@ class SearchResult:
         return [h.id for h in self.hits]
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """A search's checked arguments and compiled filter (``Collection.plan_search``)."""
+
+    query: str
+    k: int
+    candidates: int
+    where: tuple[str, list[Any]] | None  # the filter as SQL over the metadata table, with its values
+    rerank: bool
+    ef: int | None
+
+
+@dataclass
+class Candidates:
+    """First-stage candidates from one committed state (``Collection.first_stage``): chunk keys
+    best first, their first-stage scores, texts and metadata, and to rerank either copies of
+    their reranker tokens (``docs``) or the pairs already assembled (``assembly``)."""
+
+    keys: npt.NDArray[np.int64]
+    first: npt.NDArray[np.float32]
+    info: dict[int, tuple[DocId, str, dict[str, Any]]]
+    docs: list[npt.NDArray[np.int32]] | None
+    assembly: Any
+    timings: dict[str, float]
+
+
 def ms(t: float) -> float:
     return (time.perf_counter() - t) * 1000.0
 

@@ -18,7 +18,10 @@ _LIMIT_FLAGS = (  # flag, Limits field, help
     ("--max-request-tokens", "max_request_tokens", "tokens of a request's pairs after truncation (default 524288)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 8 MiB)"),
     ("--max-queue-pairs", "max_queue_pairs", "pairs admitted and not yet scored, server-wide (default 20000)"),
-    ("--max-pending-searches", "max_pending_searches", "collection searches running or waiting (default 64)"),
+    ("--max-pending-searches", "max_pending_searches", "searches in their first stage at once (default 64)"),
+    ("--max-k", "max_k", "hits a search may ask for (default 1000)"),
+    ("--max-candidates", "max_candidates", "first-stage candidates a search may ask for (default 1000)"),
+    ("--max-filter-nodes", "max_filter_nodes", "keys, operators and values of a search filter (default 256)"),
 )
 
 

@@ -14,11 +14,15 @@ __all__ = [
     "SearchRequest",
     "dialect_of",
     "document_text",
+    "MAX_DEADLINE_MS",
 ]
+
+MAX_DEADLINE_MS = 600_000.0
 
 _DEADLINE = Field(
     default=None,
     gt=0,
+    le=MAX_DEADLINE_MS,
     description="Time budget of this request in milliseconds (also the X-Request-Timeout-Ms header); "
     "past it the server answers with what it has ranked (degraded) and appends the rest in input order.",
 )

@@ -1,5 +1,5 @@
 """The server's use of the score cache: look a prepared request's pairs up before they become a
-scheduling job (hits never queue), and store the job's logits when its result comes back.
+queue job (hits never queue), and store the job's logits when its result comes back.
 
 Two hook points, independent of how the server is split into stages:
 :meth:`RequestCache.lookup` where a request's token ids are final (after truncation and the
@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._score_cache import CacheLookup, ScoreCache, pair_keys
-from .scheduler import JobResult
+from .queue import JobResult
 
 __all__ = ["RequestCache", "DEFAULT_SCORE_CACHE_BYTES"]
 
@@ -78,7 +78,7 @@ class RequestCache:
         scored = np.ones(n, dtype=bool)
         if result is None:
             return JobResult(logits, scored, 0.0, 0.0)
-        self.cache.store_misses(found, result.logits, result.scored)
-        logits[found.miss] = result.logits
+        self.cache.store_misses(found, result.values, result.scored)
+        logits[found.miss] = result.values
         scored[found.miss] = result.scored
         return JobResult(logits, scored, result.queue_s, result.score_s)
