@@ -11,6 +11,7 @@ __all__ = [
     "ModelMismatchError",
     "FilterError",
     "DuplicateIdError",
+    "FusionError",
 ]
 
 
@@ -47,3 +48,7 @@ class FilterError(TailrankError, ValueError):
 
 class DuplicateIdError(TailrankError, ValueError):
     """An id given twice in one call, or added when it already exists (use upsert)."""
+
+
+class FusionError(TailrankError, ValueError):
+    """A score-fusion setting that is malformed (unknown method, weight outside [0, 1], bad k)."""

@@ -540,8 +540,10 @@ class FakeCollection:
         self.calls: list[dict[str, Any]] = []
 
     def search(self, query: str, *, k: int = 10, candidates: int = 100, filter: Any = None, rerank: bool = True,
-               deadline_ms: float | None = None, ef: int | None = None) -> FakeResult:
-        self.calls.append({"query": query, "k": k, "candidates": candidates, "filter": filter, "deadline_ms": deadline_ms})
+               deadline_ms: float | None = None, ef: int | None = None, fusion: str | None = None,
+               fusion_weight: float | None = None) -> FakeResult:
+        self.calls.append({"query": query, "k": k, "candidates": candidates, "filter": filter, "deadline_ms": deadline_ms,
+                           "fusion": fusion, "fusion_weight": fusion_weight})
         if filter is not None and "bad" in filter:
             raise FilterError("unknown operator $bad")
         hits = [FakeHit(i, 1.0 - i / 10, 0.5, f"doc {i}", {"year": 2000 + i}) for i in range(k)]
@@ -563,6 +565,14 @@ def test_search(ce: CrossEncoder) -> None:
         r = c.post("/search", json={"query": "q", "filter": {"bad": 1}})
         assert r.status_code == 422 and "unknown operator" in r.json()["detail"]
         assert c.post("/search", json={"query": "q", "k": "3"}).status_code == 422
+        # fusion fields reach Collection.search by keyword; out-of-range ones are 422 before it
+        assert c.post("/search", json={"query": "q", "fusion": "linear", "fusion_weight": 0.25}).status_code == 200
+        assert coll.calls[-1]["fusion"] == "linear" and coll.calls[-1]["fusion_weight"] == 0.25
+        assert c.post("/search", json={"query": "q"}).status_code == 200 and coll.calls[-1]["fusion"] is None
+        n = len(coll.calls)
+        for bad in ({"fusion": "max"}, {"fusion_weight": 1.5}, {"fusion_weight": -0.1}, {"fusion": 1}, {"fusion_weight": "x"}):
+            assert c.post("/search", json={"query": "q", **bad}).status_code == 422, bad
+        assert len(coll.calls) == n
     with client(create_app(ce)) as c:
         assert c.post("/search", json={"query": "q"}).status_code == 404
 

@@ -655,7 +655,7 @@ def create_app(
         server.pending_searches += 1
         try:
             call = partial(server.collection.search, body.query, k=body.k, candidates=body.candidates,
-                           filter=body.filter, rerank=body.rerank,
+                           filter=body.filter, rerank=body.rerank, fusion=body.fusion, fusion_weight=body.fusion_weight,
                            deadline_ms=max(1.0, deadline_ms - (time.monotonic() - t0) * 1000.0))
             res = await asyncio.get_running_loop().run_in_executor(server.search_pool, call)
         except ServeError:
