@@ -296,12 +296,8 @@ def _tune(args: argparse.Namespace) -> int:
     col = _open(args)
     rep = tuning.tune(col, queries, qrels, held_qrels, dev=dev, heldout=held, candidates=args.candidates,
                       rrf_k=args.rrf_k)
-    best = rep["best"]
     if not args.no_store:
-        note = {"dev_ndcg@10": rep["dev"][best["method"]], "heldout_ndcg@10": rep["heldout"][best["method"]],
-                "dev_queries": len(dev), "heldout_queries": len(held), "candidates": args.candidates,
-                "none_heldout_ndcg@10": rep["heldout"]["none"], "first_stage_heldout_ndcg@10": rep["heldout"]["first_stage"]}
-        col.set_default_fusion(best["method"], fusion_weight=best["weight"], rrf_k=best["rrf_k"], tuned=note)
+        tuning.store(col, rep)
     rep["stored"] = not args.no_store
     if args.json:
         print(json.dumps(rep, indent=1))

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from .collection._fusion import DEFAULT_RRF_K, Fusion, fuse
 from .errors import TailrankError
 
-__all__ = ["GRID", "Candidates", "collect", "ranking", "split", "tune"]
+__all__ = ["GRID", "Candidates", "collect", "evaluate_fusions", "ranking", "split", "store", "tune"]
 
 GRID: tuple[float, ...] = tuple(round(i / 20, 2) for i in range(21))  # w = 0, 0.05, ..., 1
 
@@ -110,9 +110,26 @@ def tune(
         raise TailrankError("tune needs at least one dev and one held-out query")
     if col.reranker is None:
         raise TailrankError("tune needs the collection's reranker (open it with one)")
-    lower = col.metric == "l2"
     want = list(dict.fromkeys([*dev, *heldout]))
     cands = collect(col, {q: queries[q] for q in want}, candidates=candidates)
+    return evaluate_fusions(cands, dev_qrels, heldout_qrels, dev=dev, heldout=heldout, lower_first=col.metric == "l2",
+                            candidates=candidates, rrf_k=rrf_k, grid=grid)
+
+
+def evaluate_fusions(
+    cands: Mapping[str, Candidates],
+    dev_qrels: Qrels,
+    heldout_qrels: Qrels,
+    *,
+    dev: Sequence[str],
+    heldout: Sequence[str],
+    lower_first: bool = False,
+    candidates: int = 100,
+    rrf_k: int = DEFAULT_RRF_K,
+    grid: Sequence[float] = GRID,
+) -> dict[str, Any]:
+    """The report of :func:`tune` from already collected candidates."""
+    lower = lower_first
 
     def score(fz: Fusion | None, qids: Sequence[str], qrels: Qrels) -> float:
         return _ndcg10(qrels, {q: ranking(fz, cands[q], lower_first=lower) for q in qids})
@@ -135,3 +152,14 @@ def tune(
     best = max(options, key=lambda f: report["dev"][f.method])  # ties: the simpler one
     report["best"] = best.to_json()
     return report
+
+
+def store(col: Any, report: Mapping[str, Any]) -> Fusion | None:
+    """Stores the report's best fusion as the collection's default, with the numbers behind it."""
+    b = report["best"]
+    note = {"dev_ndcg@10": report["dev"][b["method"]], "heldout_ndcg@10": report["heldout"][b["method"]],
+            "dev_queries": report["dev"]["queries"], "heldout_queries": report["heldout"]["queries"],
+            "candidates": report["candidates"], "none_heldout_ndcg@10": report["heldout"]["none"],
+            "first_stage_heldout_ndcg@10": report["heldout"]["first_stage"]}
+    fz: Fusion | None = col.set_default_fusion(b["method"], fusion_weight=b["weight"], rrf_k=b["rrf_k"], tuned=note)
+    return fz

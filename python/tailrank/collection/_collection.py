@@ -892,6 +892,13 @@ class Collection:
         """The fusion searches use when given none (stored in the manifest; None: "none")."""
         return self._fusion_default
 
+    @property
+    def default_fusion_tuning(self) -> dict[str, Any] | None:
+        """How the stored default was chosen (e.g. ``tailrank tune``'s nDCG@10), if recorded."""
+        entry = self._manifest.get("fusion")
+        tuned = entry.get("tuned") if isinstance(entry, dict) else None
+        return dict(tuned) if isinstance(tuned, dict) else None
+
     def set_default_fusion(
         self,
         fusion: FusionMethod | None,
