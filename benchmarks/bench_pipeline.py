@@ -212,7 +212,8 @@ def main() -> int:
         }
         sub = qids[: args.rerank_queries]
         t = time.perf_counter()
-        first, final, _ = search_runs(col, {q: queries[q] for q in sub}, candidates=args.candidates, rerank=True)
+        first, final, _ = search_runs(col, {q: queries[q] for q in sub}, candidates=args.candidates, rerank=True,
+                                      fusion="none")
         quality["reranked_queries"] = len(sub)
         quality["rerank_seconds"] = round(time.perf_counter() - t, 1)
         quality["first_stage_on_reranked_queries"] = evaluate(qrels, first)

@@ -52,6 +52,9 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--candidates", type=int, default=100, help="first-stage candidates (default 100)")
     e.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N judged queries")
     e.add_argument("--no-rerank", action="store_true", help="first stage only")
+    e.add_argument("--fusion", choices=("none", "rrf", "linear"), default=None,
+                   help="fusion of the reranked run (default: the collection's stored default, else none)")
+    e.add_argument("--fusion-weight", type=float, default=None, help="linear fusion: the reranker's weight in [0, 1]")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _model_args(e)
 
@@ -210,15 +213,16 @@ def format_hits(res: Any, width: int = 100) -> str:
 
 
 def search_runs(
-    col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True
+    col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True, **fusion: Any
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict[str, float]]]:
     """One search per query: the first-stage run (the candidates by first-stage score), the final
-    run (as returned), and each search's stage timings in ms."""
+    run (as returned; ``fusion``: Collection.search's fusion keywords), and each search's stage
+    timings in ms."""
     first: dict[str, dict[str, float]] = {}
     final: dict[str, dict[str, float]] = {}
     timings: list[dict[str, float]] = []
     for qid, text in queries.items():
-        res = col.search(text, k=candidates, candidates=candidates, rerank=rerank)
+        res = col.search(text, k=candidates, candidates=candidates, rerank=rerank, **fusion)
         ranked = sorted(res.hits, key=lambda h: h.first_stage_score, reverse=col.metric != "l2")
         n = len(ranked)
         first[qid] = {str(h.id): float(n - i) for i, h in enumerate(ranked)}
@@ -229,10 +233,11 @@ def search_runs(
 
 def evaluate(
     col: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], *, candidates: int = 100,
-    rerank: bool = True,
+    rerank: bool = True, fusion: str | None = None, fusion_weight: float | None = None,
 ) -> dict[str, Any]:
     """nDCG@10 and Recall@{10,100} (pytrec-eval-terrier) of the first stage and, with ``rerank``,
-    after reranking the first stage's ``candidates``; one search per judged query."""
+    after reranking the first stage's ``candidates`` (ranked as ``fusion`` says; default: the
+    collection's stored default); one search per judged query."""
     try:
         from .bench.quality import evaluate as metrics
 
@@ -240,8 +245,13 @@ def evaluate(
     except ImportError as e:
         raise TailrankError("eval needs pytrec-eval-terrier: pip install 'tailrank[eval]'") from e
     judged = {q: t for q, t in queries.items() if q in qrels}
-    first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank)
-    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates}
+    from .collection._fusion import resolve
+
+    fz = resolve(col.default_fusion, fusion, fusion_weight) if rerank else None
+    kw = {"fusion": fz.method, "fusion_weight": fz.weight} if fz is not None else {}
+    first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank, **kw)
+    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates,
+                           "fusion": fz.describe() if fz is not None else None}
     out["first_stage"] = {k: v for k, v in metrics(qrels, first).items() if k != "queries"}
     if rerank:
         out["reranked"] = {k: v for k, v in metrics(qrels, final).items() if k != "queries"}
@@ -255,11 +265,13 @@ def _eval(args: argparse.Namespace) -> int:
         judged = [q for q in queries if q in qrels][: args.max_queries]
         queries = {q: queries[q] for q in judged}
     col = _open(args)
-    res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank)
+    res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank, fusion=args.fusion,
+                   fusion_weight=args.fusion_weight)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{res['queries']} judged queries, {res['candidates']} candidates")
+    fused = f", reranked run ranked by fusion {res['fusion']}" if res.get("fusion") else ""
+    print(f"{res['queries']} judged queries, {res['candidates']} candidates{fused}")
     print(f"{'stage':<12} {'nDCG@10':>8} {'R@10':>8} {'R@100':>8}")
     for stage in ("first_stage", "reranked"):
         if stage in res:

@@ -339,6 +339,12 @@ def test_tune_stores_the_best_fusion_and_its_numbers_are_the_searches(tmp_path, 
     s = json.loads(capsys.readouterr().out)
     assert s["fusion"] == "linear" and s["fusion_weight"] == 0.4 and "rerank_score" in s["hits"][0]
     assert main(["search", str(col.path), "x", "--fusion", "rrf", "--fusion-weight", "0.4"]) == 2
+    # eval ranks the reranked run by the stored default unless told otherwise, and says which
+    assert main(["eval", str(col.path), "--queries", str(queries), "--qrels", str(qrels), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fusion"] == Collection.open(col.path).default_fusion.describe()
+    assert main(["eval", str(col.path), "--queries", str(queries), "--qrels", str(qrels), "--json",
+                 "--fusion", "linear", "--fusion-weight", "0.25"]) == 0
+    assert json.loads(capsys.readouterr().out)["fusion"] == "linear (w=0.25)"
 
 
 def test_served_search_takes_fusion(col):
