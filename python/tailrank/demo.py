@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cache", default=".cache", help="where exported models and the collection are kept")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the CPU quota)")
-    ap.add_argument("--tune-queries", type=int, default=20,
+    ap.add_argument("--tune-queries", type=int, default=10,
                     help="train claims (and as many held-out test claims) to tune the fusion on, once per collection "
                     "(0: no tuning, rank by the reranker alone)")
     args = ap.parse_args(argv)
