@@ -203,7 +203,9 @@ def format_hits(res: Any, width: int = 100) -> str:
         lines.append(f"{rank:>3}. [{h.id}] score={h.score:.4f}{rr} first_stage={h.first_stage_score:.4f}  {text}")
     t = res.timings
     stages = " ".join(f"{k}={t[k]:.1f}" for k in ("embed", "ann", "assemble", "score", "total") if k in t)
-    fused = {"none": "", "rrf": " fusion=rrf", "linear": f" fusion=linear(w={res.fusion_weight:g})"}[res.fusion]
+    fused = f" fusion={res.fusion}" if res.fusion == "rrf" else ""
+    if res.fusion == "linear":
+        fused = f" fusion=linear(w={res.fusion_weight:g})"
     lines.append(f"     timings (ms): {stages}; candidates={res.candidates} reranked={res.reranked}{fused}"
                  + (" DEGRADED (deadline)" if res.degraded else ""))
     return "\n".join(lines)

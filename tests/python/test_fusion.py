@@ -339,6 +339,11 @@ def test_tune_stores_the_best_fusion_and_its_numbers_are_the_searches(tmp_path, 
     s = json.loads(capsys.readouterr().out)
     assert s["fusion"] == "linear" and s["fusion_weight"] == 0.4 and "rerank_score" in s["hits"][0]
     assert main(["search", str(col.path), "x", "--fusion", "rrf", "--fusion-weight", "0.4"]) == 2
+    for flags, says in ((["--fusion", "none"], "reranked=20\n"), (["--fusion", "rrf"], "fusion=rrf"),
+                        (["--fusion", "linear", "--fusion-weight", "0.4"], "fusion=linear(w=0.4)")):
+        assert main(["search", str(col.path), texts[0][:30], "--candidates", "20", *flags]) == 0
+        out = capsys.readouterr().out
+        assert says in out + "\n" and ("rerank=" in out) == (flags[1] != "none")
     # eval ranks the reranked run by the stored default unless told otherwise, and says which
     assert main(["eval", str(col.path), "--queries", str(queries), "--qrels", str(qrels), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fusion"] == Collection.open(col.path).default_fusion.describe()
