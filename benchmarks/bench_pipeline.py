@@ -26,6 +26,7 @@ plain quality pass (its "none" is the reranked run)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -78,22 +79,24 @@ def exact_run(emb: Embedder, qids: list[str], queries: dict[str, str], ids: list
 
 
 def _cached_candidates(col: Collection, queries: dict[str, str], qids: list[str], candidates: int,
-                       path: Path) -> dict[str, Any]:
-    """``tailrank._tune.collect`` for ``qids``; what an earlier run collected is read from ``path``."""
+                       path: Path, cached_only: bool) -> dict[str, Any]:
+    """``tailrank._tune.collect`` for ``qids``; what an earlier run collected is read from ``path``
+    (``cached_only``: only that, nothing is searched)."""
     from tailrank._tune import Candidates, collect
 
     have = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [q for q in qids if q not in have]
+    todo = [] if cached_only else [q for q in qids if q not in have]
     t = time.perf_counter()
-    for s in range(0, len(todo), 50):  # saved every 50 claims: an interrupted run resumes
-        part = todo[s : s + 50]
+    for s in range(0, len(todo), 10):  # saved every 10 claims: an interrupted run resumes
+        part = todo[s : s + 10]
         for q, c in collect(col, {q: queries[q] for q in part}, candidates=candidates).items():
             have[q] = {"ids": c.ids, "first": c.first.tolist(), "rerank": c.rerank.tolist()}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(have))
         os.replace(tmp, path)
         print(f"  {path.name}: {s + len(part)}/{len(todo)} claims searched in {time.perf_counter() - t:.0f}s", flush=True)
-    return {q: Candidates(have[q]["ids"], np.asarray(have[q]["first"]), np.asarray(have[q]["rerank"])) for q in qids}
+    return {q: Candidates(have[q]["ids"], np.asarray(have[q]["first"]), np.asarray(have[q]["rerank"]))
+            for q in qids if q in have}
 
 
 def fusion_quality(col: Collection, args: argparse.Namespace, queries: dict[str, str]) -> dict[str, Any]:
@@ -105,11 +108,15 @@ def fusion_quality(col: Collection, args: argparse.Namespace, queries: dict[str,
 
     train, test = load_qrels(args.data, "train"), load_qrels(args.data, "test")
     dev = [q for q in train if q in queries][: args.tune_queries]
-    held = [q for q in test if q in queries]
+    held = [q for q in test if q in queries][: args.test_queries]
     key = f"{col.path.name}-c{args.candidates}"
     t = time.perf_counter()
-    cands = _cached_candidates(col, queries, held + dev, args.candidates, args.work / f"fusion-cands-{key}.json")
+    # test and train claims alternate, so an interrupted run (see --cached-only) holds both
+    order = [q for pair in itertools.zip_longest(held, dev) for q in pair if q is not None]
+    cands = _cached_candidates(col, queries, order, args.candidates, args.work / f"fusion-cands-{key}.json",
+                               args.cached_only)
     searched_s = time.perf_counter() - t
+    dev, held = [q for q in dev if q in cands], [q for q in held if q in cands]
     rep = evaluate_fusions(cands, train, test, dev=dev, heldout=held, candidates=args.candidates)
     w = rep["best"]["weight"] if rep["best"]["method"] == "linear" else max(
         rep["grid"], key=lambda x: rep["dev"]["linear_grid"][f"{x:g}"])
@@ -166,7 +173,10 @@ def main() -> int:
     ap.add_argument("--latency-only", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
     ap.add_argument("--fusion", action="store_true", help="measure score fusion (tuned on train, tested on test)")
-    ap.add_argument("--tune-queries", type=int, default=None, help="train claims to tune on (default all)")
+    ap.add_argument("--tune-queries", type=int, default=None, help="train claims to tune on (default all 809)")
+    ap.add_argument("--test-queries", type=int, default=None, help="test claims to measure on (default all 300)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="--fusion on the claims an earlier (interrupted) run searched; searches nothing")
     args = ap.parse_args()
 
     env = machine_info(REPO)

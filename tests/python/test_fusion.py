@@ -236,6 +236,25 @@ def test_default_fusion_is_stored_and_reopened(col, emb, ce):
     assert "fusion" in read_json_checked(col.path / MANIFEST, "m")  # null: none stored
 
 
+def test_default_is_written_under_the_writer_lock(col):
+    from tailrank.collection._locks import FileLock
+    from tailrank.errors import ConcurrentUseError
+
+    before = (col.path / MANIFEST).read_bytes()
+    other = FileLock(col.path / ".writer.lock")  # another writer (flock: per open file)
+    assert other.try_acquire()
+    try:
+        with pytest.raises(ConcurrentUseError):
+            col.set_default_fusion("rrf")
+    finally:
+        other.release()
+    assert (col.path / MANIFEST).read_bytes() == before and col.default_fusion is None
+    col.set_default_fusion("rrf")
+    assert col.default_fusion == F.Fusion("rrf") and not list(col.path.glob(".manifest.json.*.tmp"))
+    col.add(["a new document about cells"], ids=["new"])  # writes go on after it, the manifest intact
+    assert "new" in col and read_json_checked(col.path / MANIFEST, "m")["fusion"]["method"] == "rrf"
+
+
 def test_manifest_without_or_with_a_damaged_fusion_field(col, emb, ce):
     path = col.path / MANIFEST
     col.close()
