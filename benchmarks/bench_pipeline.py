@@ -10,11 +10,23 @@ Corpus embeddings (all-MiniLM-L6-v2, the default embedder) are cached under --wo
 the embedder's fingerprint and the corpus file's hash, and so is the collection built from them.
 Quality uses pytrec-eval-terrier (through ``tailrank.bench.quality``). ``--quality-only`` skips
 the latency pass; ``--latency-only`` skips the quality passes (run it on a quiet machine).
+
+``--fusion`` measures score fusion as ``tailrank tune`` does (``tailrank._tune``): one
+``Collection.search(fusion="none")`` per train and test claim (every candidate reranked; the
+candidates' scores are cached under --work, so a rerun costs seconds), the linear weight and the
+best fusion chosen on the train claims (``--tune-queries``, default all 809), nDCG@10 of the
+first stage, none, rrf and linear measured on the 300 test claims; also the min-max linear fusion
+of the reranker's logits instead of its sigmoid scores, and z-score normalization, on the same
+candidates (the alternatives ``tailrank.collection._fusion`` was chosen against). It replaces the
+plain quality pass (its "none" is the reranked run)::
+
+    python benchmarks/bench_pipeline.py --fusion --quality-only
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -66,6 +78,85 @@ def exact_run(emb: Embedder, qids: list[str], queries: dict[str, str], ids: list
     return run
 
 
+def _cached_candidates(col: Collection, queries: dict[str, str], qids: list[str], candidates: int,
+                       path: Path, cached_only: bool) -> dict[str, Any]:
+    """``tailrank._tune.collect`` for ``qids``; what an earlier run collected is read from ``path``
+    (``cached_only``: only that, nothing is searched)."""
+    from tailrank._tune import Candidates, collect
+
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [] if cached_only else [q for q in qids if q not in have]
+    t = time.perf_counter()
+    for s in range(0, len(todo), 10):  # saved every 10 claims: an interrupted run resumes
+        part = todo[s : s + 10]
+        for q, c in collect(col, {q: queries[q] for q in part}, candidates=candidates).items():
+            have[q] = {"ids": c.ids, "first": c.first.tolist(), "rerank": c.rerank.tolist()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(have))
+        os.replace(tmp, path)
+        print(f"  {path.name}: {s + len(part)}/{len(todo)} claims searched in {time.perf_counter() - t:.0f}s", flush=True)
+    return {q: Candidates(have[q]["ids"], np.asarray(have[q]["first"]), np.asarray(have[q]["rerank"]))
+            for q in qids if q in have}
+
+
+def fusion_quality(col: Collection, args: argparse.Namespace, queries: dict[str, str]) -> dict[str, Any]:
+    """none / rrf / linear tuned on train claims, measured on test claims (see the module doc)."""
+    import dataclasses
+
+    from tailrank._tune import evaluate_fusions, ranking
+    from tailrank.collection._fusion import Fusion
+
+    train, test = load_qrels(args.data, "train"), load_qrels(args.data, "test")
+    dev = [q for q in train if q in queries][: args.tune_queries]
+    held = [q for q in test if q in queries][: args.test_queries]
+    key = f"{col.path.name}-c{args.candidates}"
+    t = time.perf_counter()
+    # test and train claims alternate, so an interrupted run (see --cached-only) holds both
+    order = [q for pair in itertools.zip_longest(held, dev) for q in pair if q is not None]
+    cands = _cached_candidates(col, queries, order, args.candidates, args.work / f"fusion-cands-{key}.json",
+                               args.cached_only)
+    searched_s = time.perf_counter() - t
+    dev, held = [q for q in dev if q in cands], [q for q in held if q in cands]
+    rep = evaluate_fusions(cands, train, test, dev=dev, heldout=held, candidates=args.candidates)
+    w = rep["best"]["weight"] if rep["best"]["method"] == "linear" else max(
+        rep["grid"], key=lambda x: rep["dev"]["linear_grid"][f"{x:g}"])
+    res: dict[str, Any] = {
+        "train_claims": len(dev), "test_claims": len(held), "candidates": args.candidates, "seconds": round(searched_s, 1),
+        "best_on_train": rep["best"], "linear_weight": w,
+        "ndcg@10_test": {k: rep["heldout"][k] for k in ("first_stage", "none", "rrf", "linear")},
+        "ndcg@10_train": {k: rep["dev"][k] for k in ("first_stage", "none", "rrf", "linear")},
+        "tune": rep,
+    }
+
+    # The alternatives on the same candidates: logits instead of sigmoid scores, z-scores.
+    def logit(c: Any) -> Any:
+        p = np.clip(c.rerank, 1e-12, 1 - 1e-12)
+        return dataclasses.replace(c, rerank=np.log(p / (1 - p)))
+
+    def zscore(x: np.ndarray) -> np.ndarray:
+        sd = x.std()
+        return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+    def nd(runs: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> float:
+        run = {q: {d: float(len(ids) - i) for i, d in enumerate(ids)} for q, ids in runs.items()}
+        return float(evaluate(qrels, run)["ndcg@10"])
+
+    def z_rank(c: Any, w_: float) -> list[str]:
+        f = w_ * zscore(c.rerank) + (1 - w_) * zscore(c.first)
+        return [c.ids[i] for i in np.lexsort((np.arange(len(c.ids)), -f))]
+
+    alt: dict[str, Any] = {}
+    lg = {q: logit(c) for q, c in cands.items()}
+    for name, fn in (("minmax_of_logits", lambda q, w_: ranking(Fusion("linear", w_), lg[q])),
+                     ("zscore_of_scores", lambda q, w_: z_rank(cands[q], w_)),
+                     ("zscore_of_logits", lambda q, w_: z_rank(lg[q], w_))):
+        grid = {w_: nd({q: fn(q, w_) for q in dev}, train) for w_ in rep["grid"]}
+        wb = max(rep["grid"], key=lambda x: grid[x])
+        alt[name] = {"weight": wb, "ndcg@10_train": grid[wb], "ndcg@10_test": nd({q: fn(q, wb) for q in held}, test)}
+    res["alternatives"] = alt
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scifact")
@@ -81,6 +172,11 @@ def main() -> int:
     ap.add_argument("--quality-only", action="store_true")
     ap.add_argument("--latency-only", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pipeline.json")
+    ap.add_argument("--fusion", action="store_true", help="measure score fusion (tuned on train, tested on test)")
+    ap.add_argument("--tune-queries", type=int, default=None, help="train claims to tune on (default all 809)")
+    ap.add_argument("--test-queries", type=int, default=None, help="test claims to measure on (default all 300)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="--fusion on the claims an earlier (interrupted) run searched; searches nothing")
     args = ap.parse_args()
 
     env = machine_info(REPO)
@@ -113,7 +209,11 @@ def main() -> int:
             if part in prev:
                 out[part] = prev[part]
 
-    if not args.latency_only:
+    if args.fusion:
+        out["fusion"] = fusion_quality(col, args, queries)
+        print(json.dumps({k: v for k, v in out["fusion"].items() if k != "tune"}, indent=1), flush=True)
+
+    if not args.latency_only and not args.fusion:  # the fusion pass measures first stage and reranker too
         exact = exact_run(emb, qids, queries, ids, vecs, args.candidates)
         hnsw, _, _ = search_runs(col, {q: queries[q] for q in qids}, candidates=args.candidates, rerank=False)
         quality: dict[str, Any] = {"exact": evaluate(qrels, exact), "hnsw": evaluate(qrels, hnsw)}
@@ -122,7 +222,8 @@ def main() -> int:
         }
         sub = qids[: args.rerank_queries]
         t = time.perf_counter()
-        first, final, _ = search_runs(col, {q: queries[q] for q in sub}, candidates=args.candidates, rerank=True)
+        first, final, _ = search_runs(col, {q: queries[q] for q in sub}, candidates=args.candidates, rerank=True,
+                                      fusion="none")
         quality["reranked_queries"] = len(sub)
         quality["rerank_seconds"] = round(time.perf_counter() - t, 1)
         quality["first_stage_on_reranked_queries"] = evaluate(qrels, first)

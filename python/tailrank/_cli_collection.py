@@ -1,4 +1,4 @@
-"""``tailrank ingest`` / ``search`` / ``eval``: a Collection from the command line."""
+"""``tailrank ingest`` / ``search`` / ``eval`` / ``tune``: a Collection from the command line."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--no-rerank", action="store_true", help="first stage only")
     s.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"year": {"$in": [2020, 2021]}}\'')
     s.add_argument("--deadline-ms", type=float, default=None, help="time budget; rerank what fits")
+    s.add_argument("--fusion", choices=("none", "rrf", "linear"), default=None,
+                   help="rank by the reranker alone, reciprocal-rank fusion, or a weighted sum of the min-max "
+                   "normalized scores (default: the collection's stored default, set by `tailrank tune`, else none)")
+    s.add_argument("--fusion-weight", type=float, default=None,
+                   help="linear fusion: the reranker's weight in [0, 1] (default: the stored one, else 0.5)")
+    s.add_argument("--rrf-k", type=int, default=None, help="rrf fusion: the k of 1/(k + rank) (default 60)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     _model_args(s)
 
@@ -46,8 +52,36 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--candidates", type=int, default=100, help="first-stage candidates (default 100)")
     e.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N judged queries")
     e.add_argument("--no-rerank", action="store_true", help="first stage only")
+    e.add_argument("--fusion", choices=("none", "rrf", "linear"), default=None,
+                   help="fusion of the reranked run (default: the collection's stored default, else none)")
+    e.add_argument("--fusion-weight", type=float, default=None, help="linear fusion: the reranker's weight in [0, 1]")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _model_args(e)
+
+    t = sub.add_parser(
+        "tune",
+        help="choose the collection's default score fusion on judged queries and store it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Searches each judged query once (every candidate reranked), then measures nDCG@10 of the "
+        "first stage, the reranker alone (none), reciprocal-rank fusion (rrf) and the linear fusion at each weight "
+        "w = 0, 0.05, ..., 1 of the reranker. The weight is chosen on the dev queries; the fusion with the best dev "
+        "nDCG@10 is stored in the collection's manifest as its default (searches use it when given no --fusion). "
+        "The held-out queries only report how the choice generalizes.\n\n"
+        "Dev and held-out: with --test-qrels, dev is --qrels and held-out is --test-qrels (e.g. BEIR's train.tsv and "
+        "test.tsv); without it, a seeded split of --qrels' queries (--dev-fraction, --seed).",
+    )
+    t.add_argument("path", help="collection folder (with its reranker)")
+    t.add_argument("--queries", required=True, help="queries.jsonl (BEIR: _id, text)")
+    t.add_argument("--qrels", required=True, help="qrels TSV of the dev queries (or of all, split by --dev-fraction)")
+    t.add_argument("--test-qrels", help="qrels TSV of the held-out queries (default: split --qrels)")
+    t.add_argument("--dev-fraction", type=float, default=0.5, help="share of --qrels' queries used as dev (default 0.5)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the dev/held-out split (default 0)")
+    t.add_argument("--candidates", type=int, default=100, help="first-stage candidates reranked (default 100)")
+    t.add_argument("--max-queries", type=int, default=None, help="at most N dev and N held-out queries (a fixed cost)")
+    t.add_argument("--rrf-k", type=int, default=60, help="rrf's k (default 60)")
+    t.add_argument("--no-store", action="store_true", help="report only; leave the manifest as it is")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    _model_args(t)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +91,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"ingest": _ingest, "search": _search, "eval": _eval}[args.command](args)
+    return {"ingest": _ingest, "search": _search, "eval": _eval, "tune": _tune}[args.command](args)
 
 
 # --- ingest ----------------------------------------------------------------------------------
@@ -141,10 +175,13 @@ def _search(args: argparse.Namespace) -> int:
             return 2
     col = _open(args)
     res = col.search(args.query, k=args.k, candidates=args.candidates, filter=flt, rerank=not args.no_rerank,
-                     deadline_ms=args.deadline_ms)
+                     deadline_ms=args.deadline_ms, fusion=args.fusion, fusion_weight=args.fusion_weight,
+                     rrf_k=args.rrf_k)
     if args.json:
         out = {
             "hits": [h.__dict__ for h in res.hits],
+            "fusion": res.fusion,
+            "fusion_weight": res.fusion_weight,
             "degraded": res.degraded,
             "timings_ms": res.timings,
             "candidates": res.candidates,
@@ -162,10 +199,14 @@ def format_hits(res: Any, width: int = 100) -> str:
     for rank, h in enumerate(res.hits, 1):
         text = " ".join(h.text.split())
         text = text if len(text) <= width else text[: width - 3] + "..."
-        lines.append(f"{rank:>3}. [{h.id}] score={h.score:.4f} first_stage={h.first_stage_score:.4f}  {text}")
+        rr = f" rerank={h.rerank_score:.4f}" if res.fusion != "none" and h.rerank_score is not None else ""
+        lines.append(f"{rank:>3}. [{h.id}] score={h.score:.4f}{rr} first_stage={h.first_stage_score:.4f}  {text}")
     t = res.timings
     stages = " ".join(f"{k}={t[k]:.1f}" for k in ("embed", "ann", "assemble", "score", "total") if k in t)
-    lines.append(f"     timings (ms): {stages}; candidates={res.candidates} reranked={res.reranked}"
+    fused = f" fusion={res.fusion}" if res.fusion == "rrf" else ""
+    if res.fusion == "linear":
+        fused = f" fusion=linear(w={res.fusion_weight:g})"
+    lines.append(f"     timings (ms): {stages}; candidates={res.candidates} reranked={res.reranked}{fused}"
                  + (" DEGRADED (deadline)" if res.degraded else ""))
     return "\n".join(lines)
 
@@ -174,15 +215,16 @@ def format_hits(res: Any, width: int = 100) -> str:
 
 
 def search_runs(
-    col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True
+    col: Any, queries: dict[str, str], *, candidates: int = 100, rerank: bool = True, **fusion: Any
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict[str, float]]]:
     """One search per query: the first-stage run (the candidates by first-stage score), the final
-    run (as returned), and each search's stage timings in ms."""
+    run (as returned; ``fusion``: Collection.search's fusion keywords), and each search's stage
+    timings in ms."""
     first: dict[str, dict[str, float]] = {}
     final: dict[str, dict[str, float]] = {}
     timings: list[dict[str, float]] = []
     for qid, text in queries.items():
-        res = col.search(text, k=candidates, candidates=candidates, rerank=rerank)
+        res = col.search(text, k=candidates, candidates=candidates, rerank=rerank, **fusion)
         ranked = sorted(res.hits, key=lambda h: h.first_stage_score, reverse=col.metric != "l2")
         n = len(ranked)
         first[qid] = {str(h.id): float(n - i) for i, h in enumerate(ranked)}
@@ -193,10 +235,11 @@ def search_runs(
 
 def evaluate(
     col: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], *, candidates: int = 100,
-    rerank: bool = True,
+    rerank: bool = True, fusion: str | None = None, fusion_weight: float | None = None,
 ) -> dict[str, Any]:
     """nDCG@10 and Recall@{10,100} (pytrec-eval-terrier) of the first stage and, with ``rerank``,
-    after reranking the first stage's ``candidates``; one search per judged query."""
+    after reranking the first stage's ``candidates`` (ranked as ``fusion`` says; default: the
+    collection's stored default); one search per judged query."""
     try:
         from .bench.quality import evaluate as metrics
 
@@ -204,8 +247,13 @@ def evaluate(
     except ImportError as e:
         raise TailrankError("eval needs pytrec-eval-terrier: pip install 'tailrank[eval]'") from e
     judged = {q: t for q, t in queries.items() if q in qrels}
-    first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank)
-    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates}
+    from .collection._fusion import resolve
+
+    fz = resolve(col.default_fusion, fusion, fusion_weight) if rerank else None
+    kw = {"fusion": fz.method, "fusion_weight": fz.weight} if fz is not None else {}
+    first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank, **kw)
+    out: dict[str, Any] = {"queries": len(judged), "candidates": candidates,
+                           "fusion": fz.describe() if fz is not None else None}
     out["first_stage"] = {k: v for k, v in metrics(qrels, first).items() if k != "queries"}
     if rerank:
         out["reranked"] = {k: v for k, v in metrics(qrels, final).items() if k != "queries"}
@@ -213,22 +261,77 @@ def evaluate(
 
 
 def _eval(args: argparse.Namespace) -> int:
-    queries: dict[str, str] = {}
-    for rec in read_jsonl(args.queries):
-        queries[str(rec["_id"])] = str(rec["text"])
+    queries = _read_queries(args.queries)
     qrels = read_qrels(args.qrels)
     if args.max_queries is not None:
         judged = [q for q in queries if q in qrels][: args.max_queries]
         queries = {q: queries[q] for q in judged}
     col = _open(args)
-    res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank)
+    res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank, fusion=args.fusion,
+                   fusion_weight=args.fusion_weight)
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{res['queries']} judged queries, {res['candidates']} candidates")
+    fused = f", reranked run ranked by fusion {res['fusion']}" if res.get("fusion") else ""
+    print(f"{res['queries']} judged queries, {res['candidates']} candidates{fused}")
     print(f"{'stage':<12} {'nDCG@10':>8} {'R@10':>8} {'R@100':>8}")
     for stage in ("first_stage", "reranked"):
         if stage in res:
             m = res[stage]
             print(f"{stage:<12} {m['ndcg@10']:>8.4f} {m['recall@10']:>8.4f} {m['recall@100']:>8.4f}")
     return 0
+
+
+# --- tune ------------------------------------------------------------------------------------
+
+
+def _read_queries(path: str) -> dict[str, str]:
+    return {str(rec["_id"]): str(rec["text"]) for rec in read_jsonl(path)}
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from . import _tune as tuning
+
+    queries = _read_queries(args.queries)
+    qrels = read_qrels(args.qrels)
+    judged = [q for q in qrels if q in queries]
+    if args.test_qrels:
+        held_qrels = read_qrels(args.test_qrels)
+        dev, held = judged, [q for q in held_qrels if q in queries]
+        overlap = set(dev) & set(held)
+        if overlap:
+            raise TailrankError(f"{len(overlap)} queries are judged in both --qrels and --test-qrels, "
+                                f"e.g. {sorted(overlap)[0]!r}: the held-out split must be disjoint")
+    else:
+        held_qrels = qrels
+        dev, held = tuning.split(judged, args.dev_fraction, args.seed)
+    if args.max_queries is not None:
+        dev, held = dev[: args.max_queries], held[: args.max_queries]
+    col = _open(args)
+    rep = tuning.tune(col, queries, qrels, held_qrels, dev=dev, heldout=held, candidates=args.candidates,
+                      rrf_k=args.rrf_k)
+    if not args.no_store:
+        tuning.store(col, rep)
+    rep["stored"] = not args.no_store
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(format_tune(rep, args.path))
+    return 0
+
+
+def format_tune(rep: dict[str, Any], path: str) -> str:
+    """The table of a tune report: nDCG@10 per fusion on dev and held-out."""
+    w = rep["best"]["weight"] if rep["best"]["method"] == "linear" else None
+    w_lin = max(rep["grid"], key=lambda x: rep["dev"]["linear_grid"][f"{x:g}"])
+    rows = [("first stage only", "first_stage"), ("none (reranker)", "none"), (f"rrf (k={rep['best']['rrf_k']})", "rrf"),
+            (f"linear (w={w_lin:g})", "linear")]
+    lines = [f"{rep['dev']['queries']} dev and {rep['heldout']['queries']} held-out queries, "
+             f"{rep['candidates']} candidates; nDCG@10:",
+             f"{'fusion':<20} {'dev':>8} {'held-out':>9}"]
+    for label, key in rows:
+        lines.append(f"{label:<20} {rep['dev'][key]:>8.4f} {rep['heldout'][key]:>9.4f}")
+    best = rep["best"]["method"] + (f" (w={w:g})" if w is not None else "")
+    where = f"stored as the default of {path}" if rep.get("stored") else "not stored (--no-store)"
+    lines.append(f"best on dev: {best}; {where}")
+    return "\n".join(lines)

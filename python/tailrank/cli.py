@@ -23,6 +23,7 @@ _COMMANDS: dict[str, str] = {
     "ingest": "._cli_collection",
     "search": "._cli_collection",
     "eval": "._cli_collection",
+    "tune": "._cli_collection",
     "serve": ".serve.cli",
     "bench": ".bench.cli",
 }

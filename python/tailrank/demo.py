@@ -2,8 +2,10 @@
 
 Builds (or reuses) a Collection from a sample of the corpus with the default embedder
 (all-MiniLM-L6-v2, exported to ONNX once and cached) and a cross-encoder (default:
-../shared/models/scifact-minilm-l6-ce when present, exported once), then runs a few judged
-queries and prints the hits with per-stage timings:
+../shared/models/scifact-minilm-l6-ce when present, exported once), chooses the collection's
+default score fusion once (``tailrank tune`` on train claims of the sample, held out on test
+claims; stored in the collection's manifest and reused by later runs), then runs a few judged
+queries with that default and prints the hits with per-stage timings:
 
     python -m tailrank.demo --data ../shared/data/scifact --docs 1000 --queries 3
 """
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cache", default=".cache", help="where exported models and the collection are kept")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the CPU quota)")
+    ap.add_argument("--tune-queries", type=int, default=10,
+                    help="train claims (and as many held-out test claims) to tune the fusion on, once per collection "
+                    "(0: no tuning, rank by the reranker alone)")
     args = ap.parse_args(argv)
 
     from . import Collection, CrossEncoder, Embedder, distance_isa
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     queries = load_queries(args.data)
     qrels = load_qrels(args.data)
     have = set(ids)
+    if ce is not None:
+        _fusion_default(col, args, queries, qrels, have)
     chosen = [q for q in qrels if any(d in have for d in qrels[q])][: args.queries]
     for qid in chosen:
         res = col.search(queries[qid], k=args.k, candidates=args.candidates, rerank=ce is not None)
@@ -79,6 +86,35 @@ def main(argv: list[str] | None = None) -> int:
         found = [r + 1 for r, h in enumerate(res.hits) if h.id in relevant]
         print(f"     relevant documents in the top {args.k}: ranks {found or 'none'} (of {len(relevant)} judged)")
     return 0
+
+
+def _fusion_default(col: object, args: argparse.Namespace, queries: dict[str, str], test_qrels: dict[str, dict[str, int]],
+                    have: set[str]) -> None:
+    """Tunes and stores the collection's default fusion unless it has one; says which is used."""
+    from . import _tune
+    from ._beir import load_qrels
+
+    fz = col.default_fusion  # type: ignore[attr-defined]
+    if fz is None and args.tune_queries > 0:
+        judged = lambda qr: [q for q in qr if q in queries and any(d in have for d in qr[q])]  # noqa: E731
+        train = load_qrels(args.data, "train")
+        dev, held = judged(train)[: args.tune_queries], judged(test_qrels)[: args.tune_queries]
+        if dev and held:
+            t0 = time.perf_counter()
+            rep = _tune.tune(col, queries, train, test_qrels, dev=dev, heldout=held, candidates=args.candidates)
+            fz = _tune.store(col, rep)
+            print(f"tuned the fusion in {time.perf_counter() - t0:.1f}s (tailrank tune on {len(dev)} train claims, "
+                  f"held out on {len(held)} test claims; stored in the collection's manifest)")
+    if fz is None:
+        print("fusion: none (hits ranked by the reranker alone)")
+        return
+    note = col.default_fusion_tuning or {}  # type: ignore[attr-defined]
+    how = ""
+    if note:
+        how = (f"; held-out nDCG@10 on {note['heldout_queries']} test claims: first stage "
+               f"{note['first_stage_heldout_ndcg@10']:.3f}, reranker alone {note['none_heldout_ndcg@10']:.3f}, "
+               f"this fusion {note['heldout_ndcg@10']:.3f}")
+    print(f"fusion: {fz.describe()}, the collection's tuned default (ranks hits by the fused score){how}")
 
 
 def _reranker_dir(args: argparse.Namespace) -> str | None:

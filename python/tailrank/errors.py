@@ -12,6 +12,7 @@ __all__ = [
     "FilterError",
     "DuplicateIdError",
     "LimitError",
+    "FusionError",
 ]
 
 
@@ -52,3 +53,7 @@ class DuplicateIdError(TailrankError, ValueError):
 
 class LimitError(TailrankError, ValueError):
     """An input larger than a configured limit (characters, documents, tokens, filter size)."""
+
+
+class FusionError(TailrankError, ValueError):
+    """A score-fusion setting that is malformed (unknown method, weight outside [0, 1], bad k)."""

@@ -667,6 +667,15 @@ def test_search_runs_through_the_queue_and_matches_the_library(ce: CrossEncoder,
         ]:
             r = c.post("/search", json=body)
             assert r.status_code == status and message in r.json()["detail"], (body, r.text)
+        # fusion fields reach the staged search by keyword; out-of-range ones are 422 before it
+        body = {"query": "protein binding", "k": 5, "candidates": 30, "fusion": "linear", "fusion_weight": 0.25}
+        want = collection.search("protein binding", k=5, candidates=30, fusion="linear", fusion_weight=0.25)
+        r = c.post("/search", json=body, headers={"X-Request-Timeout-Ms": "60000"})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["hits"]] == want.ids()
+        np.testing.assert_allclose([h["score"] for h in r.json()["hits"]], [h.score for h in want.hits], atol=1e-5)
+        for bad in ({"fusion": "max"}, {"fusion_weight": 1.5}, {"fusion_weight": -0.1}, {"fusion": 1}, {"fusion_weight": "x"}):
+            assert c.post("/search", json={"query": "q", **bad}).status_code == 422, bad
     with client(create_app(ce)) as c:
         assert c.post("/search", json={"query": "q"}).status_code == 404
 

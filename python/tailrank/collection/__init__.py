@@ -2,7 +2,8 @@
 
 Layout of a collection folder::
 
-    manifest.json           format version, metric, dim, chunking, model fingerprints (checksummed)
+    manifest.json           format version, metric, dim, chunking, model fingerprints, the default
+                            score fusion (checksummed; see ``_fusion``)
     meta.sqlite             the log and source of truth (WAL): texts, metadata fields, chunk spans,
                             each chunk's vector and reranker token ids, recent deletions, state
     index-<s>.bin           checkpoint: the HNSW index as of write s (the newest two are kept)
@@ -42,7 +43,8 @@ this process itself is busy writing or checkpointing.
 """
 
 from ._collection import CHECKPOINT_FRACTION, CHECKPOINT_MIN_CHUNKS, Collection
+from ._fusion import Fusion
 from ._inputs import DocId
 from ._results import Hit, SearchResult
 
-__all__ = ["Collection", "SearchResult", "Hit", "DocId", "CHECKPOINT_MIN_CHUNKS", "CHECKPOINT_FRACTION"]
+__all__ = ["Collection", "SearchResult", "Hit", "DocId", "Fusion", "CHECKPOINT_MIN_CHUNKS", "CHECKPOINT_FRACTION"]

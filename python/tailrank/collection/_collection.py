@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sqlite3
 import threading
@@ -21,12 +22,22 @@ from .._validate import positive_int
 from ..cross_encoder import CrossEncoder
 from ..docstore import DocStore
 from ..embedder import Embedder
-from ..errors import ConcurrentUseError, CorruptFileError, DuplicateIdError, ModelError, ModelMismatchError, UnknownIdError
+from ..errors import (
+    ConcurrentUseError,
+    CorruptFileError,
+    DuplicateIdError,
+    FusionError,
+    ModelError,
+    ModelMismatchError,
+    UnknownIdError,
+)
 from ..index import VectorIndex
 from ..pairs import retrieve_and_assemble
 from . import _checkpoints, _filters, _log
 from ._chunking import Chunker
 from ._fresh import Fresh
+from ._fusion import Fusion, FusionMethod, fuse_scored
+from ._fusion import resolve as resolve_fusion
 from ._inputs import DocId, check_ids, check_metadata, check_query, check_texts, check_vectors, metadata_json
 from ._locks import FileLock, RWLock
 from ._manifest import (
@@ -38,6 +49,7 @@ from ._manifest import (
     model_entry,
     read_manifest,
     recorded_dir,
+    stored_fusion,
 )
 from ._results import Candidates, SearchPlan, SearchResult, build_result, ms, score_by_deadline
 
@@ -85,6 +97,7 @@ class Collection:
     fresh_index_at: int
     checkpoint_error: BaseException | None
     _manifest: dict[str, Any]
+    _fusion_default: Fusion | None
     _threads: int | None
     _has_store: bool
     _chunker: Chunker | None
@@ -220,6 +233,7 @@ class Collection:
             check_model(m["reranker"], rr, "reranker", root)
         if int(emb.dim) != int(m["dim"]):
             raise ModelMismatchError(f"the embedder gives {emb.dim}-d vectors; the collection holds {m['dim']}-d")
+        self._fusion_default = stored_fusion(m, root)
         self.embedder = emb
         self.reranker = rr
         self.metric = str(m["metric"])
@@ -324,9 +338,11 @@ class Collection:
             Whether anything changed.
         """
         with self._write_lock:
-            before = self._applied
+            before, fz = self._applied, self._fusion_default
+            self._manifest = read_manifest(self.path)  # a default fusion stored by another process
+            self._fusion_default = stored_fusion(self._manifest, self.path)
             self._catch_up()
-            return self._applied != before
+            return self._applied != before or self._fusion_default != fz
 
     def _maybe_refresh(self) -> None:
         # The cheap check: one indexed row. A thread of this process busy writing or
@@ -719,9 +735,13 @@ class Collection:
         rerank: bool = True,
         deadline_ms: float | None = None,
         ef: int | None = None,
+        fusion: FusionMethod | None = None,
+        fusion_weight: float | None = None,
+        rrf_k: int | None = None,
     ) -> SearchResult:
         """Embeds the query, takes ``candidates`` chunks from the HNSW index (inside ``filter``),
-        reranks them with the cross-encoder and returns the best ``k`` documents.
+        reranks them with the cross-encoder, fuses the two scores if asked, and returns the best
+        ``k`` documents.
 
         The whole search (allow-set, ANN, token gather, texts) reads one committed state; writes
         committed by other processes are applied first when this process is not writing. It is
@@ -739,12 +759,22 @@ class Collection:
                 the deadline; candidates left unscored keep first-stage order after the scored
                 ones, and ``degraded`` is set.
             ef: HNSW search breadth for this call (default: the index's).
+            fusion: How reranked candidates are ranked: ``"none"`` by the reranker's score,
+                ``"rrf"`` by reciprocal-rank fusion of both ranks, ``"linear"`` by
+                ``w * rerank + (1 - w) * first stage``, each min-max normalized over the
+                candidates (see :mod:`tailrank.collection._fusion`). Default: the collection's
+                stored default (:attr:`default_fusion`, set by ``tailrank tune``), else "none".
+            fusion_weight: ``w`` in [0, 1], the reranker's weight (linear only; default: the
+                stored default's weight, else 0.5).
+            rrf_k: RRF's k (default: the stored default's, else 60).
 
         Raises:
             FilterError: A malformed filter (nothing is searched).
+            FusionError: Malformed fusion arguments, or a fusion asked for with ``rerank=False``.
         """
         t0 = time.perf_counter()
-        plan = self.plan_search(query, k=k, candidates=candidates, filter=filter, rerank=rerank, ef=ef)
+        plan = self.plan_search(query, k=k, candidates=candidates, filter=filter, rerank=rerank, ef=ef,
+                                fusion=fusion, fusion_weight=fusion_weight, rrf_k=rrf_k)
         if deadline_ms is not None and (
             isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0
         ):
@@ -796,12 +826,19 @@ class Collection:
         filter: Mapping[str, Any] | None = None,
         rerank: bool = True,
         ef: int | None = None,
+        fusion: FusionMethod | None = None,
+        fusion_weight: float | None = None,
+        rrf_k: int | None = None,
     ) -> SearchPlan:
         """Stage 0 of :meth:`search`: checks its arguments and compiles the filter (no I/O).
 
         Raises:
             FilterError: A malformed filter. ModelError: ``rerank`` without a reranker.
+            FusionError: Malformed fusion arguments, or a fusion asked for with ``rerank=False``.
         """
+        fz = resolve_fusion(self._fusion_default, fusion, fusion_weight, rrf_k)
+        if not rerank and fusion not in (None, "none"):
+            raise FusionError(f'fusion="{fusion}" combines the reranker\'s and the first stage\'s scores; it needs rerank=True')
         check_query(query)
         k = positive_int(k, "k")
         candidates = max(positive_int(candidates, "candidates"), k)
@@ -812,7 +849,7 @@ class Collection:
         do_rerank = bool(rerank) and self.reranker is not None and self._has_store
         if rerank and not do_rerank:
             raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
-        return SearchPlan(query, k, candidates, where, do_rerank, ef)
+        return SearchPlan(query, k, candidates, where, do_rerank, ef, fz)
 
     def first_stage(
         self,
@@ -881,8 +918,14 @@ class Collection:
         if scores is None or cands.keys.size == 0:
             return build_result(cands.keys, cands.first, cands.info, [], None, None, False, cands.timings, t0, plan.k)
         mask = np.ones(cands.keys.size, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
-        return build_result(cands.keys, cands.first, cands.info, scores, mask, truncated, bool(not mask.all()),
-                            cands.timings, t0, plan.k)
+        fz = plan.fusion
+        if fz is None or fz.method == "none":
+            return build_result(cands.keys, cands.first, cands.info, scores, mask, truncated, bool(not mask.all()),
+                                cands.timings, t0, plan.k, fusion=fz)
+        rerank_scores = np.asarray(scores, dtype=np.float32)
+        fused = fuse_scored(fz, cands.first, rerank_scores, mask, lower_first=self.metric == "l2")
+        return build_result(cands.keys, cands.first, cands.info, fused, mask, truncated, bool(not mask.all()),
+                            cands.timings, t0, plan.k, rerank_scores=rerank_scores, fusion=fz)
 
     def _texts(
         self, db: sqlite3.Connection, keys: npt.NDArray[np.int64], k: int | None
@@ -922,10 +965,74 @@ class Collection:
         return keys[order], scores[order]
 
     def search_batch(self, queries: Sequence[str], **kwargs: Any) -> list[SearchResult]:
-        """:meth:`search` for each query (same keyword arguments), in order."""
+        """:meth:`search` for each query (same keyword arguments, ``fusion`` included), in order.
+        The fusion arguments are checked once, before any query runs."""
         if isinstance(queries, str):
             raise TypeError("search_batch takes a sequence of queries; use search for one")
+        resolve_fusion(self._fusion_default, kwargs.get("fusion"), kwargs.get("fusion_weight"), kwargs.get("rrf_k"))
         return [self.search(q, **kwargs) for q in queries]
+
+    # --- the default fusion ----------------------------------------------------------------
+
+    @property
+    def default_fusion(self) -> Fusion | None:
+        """The fusion searches use when given none (stored in the manifest; None: "none")."""
+        return self._fusion_default
+
+    @property
+    def default_fusion_tuning(self) -> dict[str, Any] | None:
+        """How the stored default was chosen (e.g. ``tailrank tune``'s nDCG@10), if recorded."""
+        entry = self._manifest.get("fusion")
+        tuned = entry.get("tuned") if isinstance(entry, dict) else None
+        return dict(tuned) if isinstance(tuned, dict) else None
+
+    def set_default_fusion(
+        self,
+        fusion: FusionMethod | None,
+        *,
+        fusion_weight: float | None = None,
+        rrf_k: int | None = None,
+        tuned: Mapping[str, Any] | None = None,
+    ) -> Fusion | None:
+        """Stores the default fusion of this collection in its manifest (``None``: remove it).
+
+        The manifest is rewritten atomically under the writer lock; this object uses the new
+        default at once, other processes when they open the collection or call :meth:`refresh`.
+
+        Args:
+            tuned: A JSON-able note on how the default was chosen (``tailrank tune`` stores the
+                nDCG@10 it measured), kept beside it.
+
+        Returns:
+            The stored default.
+
+        Raises:
+            FusionError: Malformed arguments (nothing changes).
+            ConcurrentUseError: Another process is writing to the collection.
+        """
+        fz = None if fusion is None else resolve_fusion(None, fusion, fusion_weight, rrf_k)
+        if fusion is None and (fusion_weight is not None or rrf_k is not None):
+            raise FusionError("fusion_weight and rrf_k need a fusion")
+        entry = None
+        if fz is not None:
+            entry = fz.to_json()
+            try:
+                entry["tuned"] = json.loads(json.dumps(dict(tuned), allow_nan=False)) if tuned is not None else None
+            except (TypeError, ValueError) as e:
+                raise FusionError(f"tuned must be a JSON-able dict of finite numbers and strings: {e}") from None
+        lock = FileLock(self.path / _WRITER_LOCK)
+        with self._write_lock:
+            if not lock.try_acquire():
+                raise ConcurrentUseError(f"another process is writing to the collection at {self.path}")
+            try:
+                manifest = read_manifest(self.path)
+                manifest["fusion"] = entry
+                write_json_checked(self.path / MANIFEST, manifest)
+                self._manifest = manifest
+                self._fusion_default = fz
+            finally:
+                lock.release()
+        return fz
 
     def __repr__(self) -> str:
         return (

@@ -1,4 +1,10 @@
-"""The manifest (format, metric, dim, chunking, model fingerprints) and the models it names."""
+"""The manifest (format, metric, dim, chunking, model fingerprints, the default score fusion)
+and the models it names.
+
+``fusion`` (optional, added in format 2 without a version change: a manifest without it has no
+stored default) is written by :meth:`Collection.set_default_fusion` / ``tailrank tune``:
+``{"method": "none"|"rrf"|"linear", "weight": float|null, "rrf_k": int, "tuned": {...}|null}``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ from typing import Any
 from .._fileio import read_json_checked
 from ..cross_encoder import CrossEncoder
 from ..embedder import Embedder
-from ..errors import CorruptFileError, ModelError, ModelMismatchError
+from ..errors import CorruptFileError, FusionError, ModelError, ModelMismatchError
+from ._fusion import Fusion, from_manifest
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -60,3 +67,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION} (version 1 collections kept whole-file generations: ingest the corpus again)"
         )
     return m
+
+
+def stored_fusion(manifest: dict[str, Any], root: Path) -> Fusion | None:
+    """The collection's default fusion (None: none stored)."""
+    try:
+        return from_manifest(manifest.get("fusion"), str(root / MANIFEST))
+    except FusionError as e:
+        raise CorruptFileError(str(e)) from None

@@ -15,8 +15,10 @@ from ._inputs import DocId
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. ``score`` is the reranker's score when the hit was reranked, else the
-    first-stage score; ``first_stage_score`` is the ANN similarity (squared distance for l2)."""
+    """One search result. ``score`` is what the hit was ranked by: the fused score when the
+    search fused (see ``SearchResult.fusion``), else the reranker's score when the hit was
+    reranked, else the first-stage score. ``first_stage_score`` is the ANN similarity (squared
+    distance for l2); ``rerank_score`` the reranker's score (None when not reranked)."""
 
     id: DocId
     score: float
@@ -25,19 +27,23 @@ class Hit:
     metadata: dict[str, Any]
     truncated: bool
     reranked: bool
+    rerank_score: float | None = None
 
 
 @dataclass
 class SearchResult:
     """Hits best first, whether the deadline cut reranking short, and per-stage times in ms:
     ``embed``, ``ann`` (HNSW walk; with the fused call it includes gather and assembly),
-    ``assemble``, ``score``, ``total``."""
+    ``assemble``, ``score``, ``total``. ``fusion`` says how reranked hits were ranked:
+    ``"none"`` (reranker score), ``"rrf"`` or ``"linear"`` (with ``fusion_weight``)."""
 
     hits: list[Hit]
     degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
     reranked: int = 0
+    fusion: str = "none"
+    fusion_weight: float | None = None
 
     def ids(self) -> list[DocId]:
         return [h.id for h in self.hits]
@@ -53,6 +59,7 @@ class SearchPlan:
     where: tuple[str, list[Any]] | None  # the filter as SQL over the metadata table, with its values
     rerank: bool
     ef: int | None
+    fusion: Any = None  # a _fusion.Fusion; None or method "none": reranker order
 
 
 @dataclass
@@ -143,8 +150,13 @@ def build_result(
     timings: dict[str, float],
     t0: float,
     k: int,
+    *,
+    rerank_scores: Any = None,
+    fusion: Any = None,
 ) -> SearchResult:
-    """Best chunk per document, scored candidates by score, then the rest in first-stage order."""
+    """Best chunk per document, scored candidates by score (fused when ``fusion``, a
+    ``_fusion.Fusion``, is given; then ``rerank_scores`` are the reranker's), then the rest in
+    first-stage order."""
     n = keys.size
     if scored is not None:
         sc = np.asarray(scores, dtype=np.float64)
@@ -171,6 +183,7 @@ def build_result(
                 metadata=meta,
                 truncated=bool(truncated[i]) if truncated is not None else False,
                 reranked=was,
+                rerank_score=(float(rerank_scores[i]) if rerank_scores is not None else float(scores[i])) if was else None,
             )
         )
         if len(hits) >= k:
@@ -182,4 +195,6 @@ def build_result(
         timings=timings,
         candidates=n,
         reranked=int(scored.sum()) if scored is not None else 0,
+        fusion=fusion.method if fusion is not None else "none",
+        fusion_weight=fusion.weight if fusion is not None else None,
     )

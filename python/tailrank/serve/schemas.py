@@ -107,6 +107,10 @@ class SearchRequest(_Strict):
     filter: dict[str, Any] | None = Field(default=None, description="Metadata filter (see Collection.search).")
     rerank: bool = True
     deadline_ms: float | None = _DEADLINE
+    fusion: Literal["none", "rrf", "linear"] | None = Field(
+        default=None, description="How reranked hits are ranked (see Collection.search); null: the collection's default.")
+    fusion_weight: float | None = Field(
+        default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Linear fusion: the reranker's weight in [0, 1].")
 
 
 # --- responses (documentation of the OpenAPI schema; the handlers build plain dicts) -------------
