@@ -379,7 +379,7 @@ def test_served_search_takes_fusion(col):
     want = col.search("protein binding", k=5, candidates=30, fusion="linear", fusion_weight=0.2)
     app = create_app(col.reranker, collection=col)
     with TestClient(app) as c:
-        assert app.state.tailrank.scheduler.wait_ready(60)
+        assert app.state.tailrank.wait_ready(60)
         r = c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 30, "fusion": "linear",
                                     "fusion_weight": 0.2})
         assert r.status_code == 200, r.text
