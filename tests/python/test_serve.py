@@ -212,6 +212,62 @@ def test_tei_truncation(ce: CrossEncoder) -> None:
         assert r.json()["results"][0]["relevance_score"] == pytest.approx(ranked(ce, "q", ["cells cells cells"])[0][1], abs=1e-5)
 
 
+def test_left_truncation_is_the_cores_and_scores_as_the_pre_cut_pairs(ce: CrossEncoder) -> None:
+    """TEI's truncation_direction left, cut by the core's assembly: each score equals the library's
+    score of the pair pre-cut to its ends (as many tokens as the core's rule keeps, query and
+    document), while a right-truncated request of the same texts shares the round; repeats are
+    answered from the score cache with their own side's scores (the two sides are keyed apart)."""
+    rng = random.Random(14)
+    query = models.sample_text(rng, 40)  # long enough that the query is cut too
+    docs = [models.sample_text(rng, 120), models.sample_text(rng, 90), "short one", models.sample_text(rng, 70)]
+    rounds = Rounds()
+    app = create_app(ce, round_hook=rounds, max_batch_tokens=16 * ce.max_length)  # both requests fit one round
+    left_body = {"query": query, "texts": docs, "truncation_direction": "left", "raw_scores": True}
+    right_body = {"query": query, "texts": docs, "raw_scores": True}
+
+    async def go() -> tuple[Any, Any, Any, Any]:
+        async with async_client(app) as c:
+            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            # The next round forms while the held one runs: fill it, then both wait for the one after.
+            filler = asyncio.ensure_future(c.post("/rerank", json={"query": "fill", "texts": ["y"]}))
+            lane = app.state.tailrank.queue._lanes["rerank"]
+            await until(lambda: lane.slot is not None, "the filler's round assembled")
+            left = asyncio.ensure_future(c.post("/rerank", json=left_body))
+            right = asyncio.ensure_future(c.post("/rerank", json=right_body))
+            await until(lambda: queued_requests(app) == 4, "both requests queued behind the held one")
+            rounds.gate.set()
+            assert (await held).status_code == 200 and (await filler).status_code == 200
+            first = await left, await right
+            again = await c.post("/rerank", json=left_body), await c.post("/rerank", json=right_body)
+            return (*first, *again)
+
+    left, right, left2, right2 = asyncio.run(go())
+    assert rounds.sizes[:3] == [1, 1, 2]  # the left and the right request in one round
+    q = ce.tokenize([query])[0]
+    rules = ce.batcher()
+    want_left, want_right = [], []
+    for d in ce.tokenize(docs):
+        kq, kd = rules.truncate_lengths(q.size, d.size)
+        logits, _ = ce.score_tokens(q[q.size - kq :], [d[d.size - kd :]])
+        want_left.append(float(ce.scores_from_logits(logits, raw=True)[0]))
+        logits, _ = ce.score_tokens(q, [d])
+        want_right.append(float(ce.scores_from_logits(logits, raw=True)[0]))
+    assert rules.truncate_lengths(q.size, ce.tokenize([docs[0]])[0].size)[0] < q.size  # the query was cut
+
+    def by_index(r: Any) -> list[float]:
+        assert r.status_code == 200, r.text
+        return [x["score"] for x in sorted(r.json(), key=lambda x: x["index"])]
+
+    np.testing.assert_allclose(by_index(left), want_left, atol=1e-5)
+    np.testing.assert_allclose(by_index(right), want_right, atol=1e-5)
+    assert abs(want_left[0] - want_right[0]) > 1e-4  # the sides differ where pairs are cut
+    assert by_index(left2) == by_index(left) and by_index(right2) == by_index(right)
+    stats = app.state.tailrank.score_cache.cache.stats()
+    # The short pair fits: one key for both sides; every cut pair is keyed per side (+ hold, filler).
+    assert (stats.entries, stats.hits) == (2 * len(docs) - 1 + 2, 2 * len(docs))
+
+
 @contextlib.contextmanager
 def live_server(app: Any) -> Iterator[str]:
     """``app`` under uvicorn on a free 127.0.0.1 port (in a thread); yields its base URL."""

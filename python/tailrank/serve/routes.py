@@ -220,7 +220,7 @@ class Server:
         """Where a request's pairs become a scoring job: the score cache's hits (None: no cache)."""
         if self.score_cache is None:
             return None
-        return self.score_cache.lookup(pairs.queries, pairs.query_index, pairs.docs)
+        return self.score_cache.lookup(pairs)
 
     async def score_pairs(self, pairs: Pairs, found: CacheLookup | None, deadline: float, request: Request,
                           *, degrade_on_refusal: bool = False) -> JobResult:
@@ -231,10 +231,7 @@ class Server:
         if found is not None and found.all_hit:  # every pair cached: nothing to queue
             assert cache is not None
             return cache.finish(found, None)
-        job_pairs = pairs
-        if found is not None:
-            m = RequestCache.misses(found, pairs.query_index, pairs.docs, pairs.lengths)
-            job_pairs = Pairs(pairs.queries, m.query_index, m.docs, m.lengths)
+        job_pairs = pairs if found is None else RequestCache.misses(found, pairs)
         job = make_job("rerank", job_pairs, deadline, int(self.model.n_labels))
         try:
             fut = self.queue.submit(job, asyncio.get_running_loop())

@@ -2,13 +2,12 @@
 queue job (hits never queue), and store the job's logits when its result comes back.
 
 Two hook points, independent of how the server is split into stages:
-:meth:`RequestCache.lookup` where a request's token ids are final (after truncation and the
-left-truncation pre-cut), and :meth:`RequestCache.finish` where the job's result arrives.
+:meth:`RequestCache.lookup` where a request's pairs are final (token ids and which cut pairs keep
+their ends), and :meth:`RequestCache.finish` where the job's result arrives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,20 +15,12 @@ import numpy.typing as npt
 
 from .._score_cache import CacheLookup, ScoreCache, pair_keys
 from .queue import JobResult
+from .validate import Pairs
 
 __all__ = ["RequestCache", "DEFAULT_SCORE_CACHE_BYTES"]
 
 #: Default size of the server's score cache (about 330k one-logit pairs).
 DEFAULT_SCORE_CACHE_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class Misses:
-    """The pairs of a request that the cache did not hold, as a job takes them."""
-
-    query_index: npt.NDArray[np.int64]
-    docs: list[npt.NDArray[np.int32]]
-    lengths: npt.NDArray[np.int64]
 
 
 class RequestCache:
@@ -54,21 +45,20 @@ class RequestCache:
             return None
         return cls(ScoreCache(capacity_bytes, int(model.n_labels)), fingerprint)
 
-    def lookup(
-        self, queries: list[npt.NDArray[np.int32]], query_index: npt.NDArray[np.int64],
-        docs: list[npt.NDArray[np.int32]],
-    ) -> CacheLookup:
+    def lookup(self, pairs: Pairs) -> CacheLookup:
         """Hook (b): the cached logits of a prepared request's pairs and the positions of the
         misses. Hashes on the calling (tokenizing) thread; the cache's lock is held only for the
         dictionary reads."""
-        return self.cache.lookup(pair_keys(self.fingerprint, queries, query_index, docs))
+        return self.cache.lookup(pair_keys(self.fingerprint, pairs.queries, pairs.query_index, pairs.docs,
+                                           pairs.keep_ends))
 
     @staticmethod
-    def misses(found: CacheLookup, query_index: npt.NDArray[np.int64], docs: list[npt.NDArray[np.int32]],
-               lengths: npt.NDArray[np.int64]) -> Misses:
+    def misses(found: CacheLookup, pairs: Pairs) -> Pairs:
         """The missed pairs, in request order: what the scheduling job is built from."""
         m = found.miss
-        return Misses(query_index[m], [docs[i] for i in m.tolist()], lengths[m])
+        ends = None if pairs.keep_ends is None else pairs.keep_ends[m]
+        return Pairs(pairs.queries, pairs.query_index[m], [pairs.docs[i] for i in m.tolist()], pairs.lengths[m],
+                     ends if ends is not None and ends.any() else None)
 
     def finish(self, found: CacheLookup, result: JobResult | None) -> JobResult:
         """Hook (c): stores the scored logits of the misses' job (``result``, in miss order; None
