@@ -147,6 +147,13 @@ class ScoreCache:
             logits[hit] = np.frombuffer(joined, dtype=np.float32).reshape(n_hit, self.n_labels)
         return CacheLookup(list(keys), logits, np.flatnonzero(~hit).astype(np.int64))
 
+    def holds(self, keys: Sequence[bytes]) -> npt.NDArray[np.bool_]:
+        """Whether each key is held now, without counting a lookup or marking it used (a hint:
+        an entry may be evicted right after)."""
+        with self._lock:
+            items = self._items
+            return np.fromiter((k in items for k in keys), dtype=bool, count=len(keys))
+
     def store(self, keys: Sequence[bytes], logits: npt.ArrayLike) -> None:
         """Stores the logits rows ([len(keys), n_labels], float32) of ``keys``, evicting the least
         recently used entries beyond the capacity."""

@@ -471,6 +471,48 @@ def test_overload_refuses_what_cannot_meet_its_deadline_and_serves_the_rest(ce: 
     assert 'tailrank_rejections_total{reason="deadline"} 7.0' in text
 
 
+def test_a_cached_request_is_never_refused_for_queue_time_it_would_not_use(ce: CrossEncoder) -> None:
+    """Counts, not times: the model is busy (a held round) and its speed pinned so that any
+    uncached request would miss its 60 s deadline. A repeat of a request whose pairs are all in
+    the score cache is answered 200 from it (no round runs, no refusal counted, one cache
+    admission); the same texts with one more document, and new texts, are refused 429."""
+    rounds = Rounds()
+    rounds.gate.set()
+    app = create_app(ce, default_deadline_ms=60_000, round_hook=rounds)
+    docs = texts(6, 30, words=20)
+    tokens, chars_per_token = request_tokens(ce, "memory", docs)
+    body = {"query": "memory", "texts": docs}
+
+    async def go() -> tuple[Any, ...]:
+        async with async_client(app) as c:
+            first = await c.post("/rerank", json=body)  # scored and cached
+            rounds.gate.clear()
+            rounds.entered.clear()
+            hold = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            pin_estimates(app, tokens_per_s=tokens / 120.0, chars_per_token=chars_per_token)
+            n_rounds = len(rounds.sizes)
+            new = await c.post("/rerank", json={"query": "memory", "texts": texts(7, 30, words=20)})
+            more = await c.post("/rerank", json={"query": "memory", "texts": [*docs, "one more document"]})
+            again = await c.post("/rerank", json=body)
+            rounds_during = len(rounds.sizes) - n_rounds
+            rounds.gate.set()
+            assert (await hold).status_code == 200
+            return first, new, more, again, rounds_during
+
+    first, new, more, again, rounds_during = asyncio.run(go())
+    for refused in (new, more):
+        assert refused.status_code == 429 and refused.json()["error_type"] == "deadline", refused.text
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json() and again.headers["X-Tailrank-Degraded"] == "false"
+    assert rounds_during == 0  # answered without compute while the model was held
+    metrics = app.state.tailrank.metrics
+    assert metrics.registry.get_sample_value("tailrank_rejections_total", {"reason": "deadline"}) == 2
+    assert metrics.registry.get_sample_value("tailrank_cache_admitted_total") == 1
+    stats = app.state.tailrank.score_cache.cache.stats()
+    assert stats.hits == len(docs)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
 def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: CrossEncoder) -> None:
     me = os.sched_getscheduler(0)

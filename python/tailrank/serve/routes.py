@@ -115,12 +115,11 @@ class Server:
     async def rerank(self, request: Request, spec: RerankSpec, deadline: float) -> tuple[JobResult, float, int]:
         """Admits, tokenizes, queues and waits for one request's pairs; returns (result,
         tokenize seconds, tokens). Raises ServeError for refusals and failures."""
-        est = self.admission.estimate_tokens(len(spec.query), [len(t) for t in spec.texts],
-                                             int(self.model.max_length), self.n_special)
+        est = self._estimate(spec, range(len(spec.texts)))
         try:
             ticket = self.admission.before_tokenizing(est, len(spec.texts), spec.chars, deadline)
         except Rejected as e:
-            raise self.refuse(e) from None
+            ticket = self._admit_uncached(spec, e, deadline)
         t0 = time.perf_counter()
         pairs: Pairs | None = None
         try:
@@ -139,6 +138,29 @@ class Server:
         if result.degraded:
             self.metrics.degraded.inc()
         return result, t_tok, pairs.tokens
+
+    def _estimate(self, spec: RerankSpec, which: Any) -> int:
+        """Estimated tokens of the request's pairs ``which`` (before tokenizing)."""
+        return self.admission.estimate_tokens(len(spec.query), [len(spec.texts[i]) for i in which],
+                                              int(self.model.max_length), self.n_special)
+
+    def _admit_uncached(self, spec: RerankSpec, refused: Rejected, deadline: float) -> Any:
+        """A request the full estimate refused for queue time or room: admitted on the pairs the
+        score cache does not hold (when a request with the same texts was seen), so that cached
+        pairs never cost it queue time they would not use. Raises the refusal otherwise."""
+        cache = self.score_cache
+        if cache is None or refused.reason not in ("deadline", "queue_full"):
+            raise self.refuse(refused) from None
+        miss = cache.uncached(RequestCache.request_digest(spec))
+        if miss is None or miss.size == len(spec.texts):
+            raise self.refuse(refused) from None
+        try:
+            ticket = self.admission.before_tokenizing(self._estimate(spec, miss.tolist()), int(miss.size),
+                                                      spec.chars, deadline)
+        except Rejected as e:
+            raise self.refuse(e) from None
+        self.metrics.cache_admitted.inc()
+        return ticket
 
     # -- the search pipeline ------------------------------------------------------------------
 
@@ -214,7 +236,11 @@ class Server:
         """On the tokenizing thread: the request's pairs, and the score cache's hits among them
         (hashing there, not on the loop)."""
         pairs = tokenize_pairs(self.model, self.rules, spec, self.limits)
-        return pairs, self.lookup(pairs)
+        found = self.lookup(pairs)
+        if found is not None:
+            assert self.score_cache is not None
+            self.score_cache.remember(RequestCache.request_digest(spec), found)
+        return pairs, found
 
     def lookup(self, pairs: Pairs) -> CacheLookup | None:
         """Where a request's pairs become a scoring job: the score cache's hits (None: no cache)."""
