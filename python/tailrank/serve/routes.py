@@ -471,13 +471,19 @@ def _tei_body(model: Reranker, body: TeiRerankRequest, spec: RerankSpec, result:
     return ranks
 
 
+def _search_hit(h: Any, fused: bool) -> dict[str, Any]:
+    """One hit as ``SearchHit``: the ranking score and each of the scores it came from."""
+    reranked = bool(h.reranked)
+    rerank = _finite(h.rerank_score) if reranked and h.rerank_score is not None else None
+    return {"id": h.id if isinstance(h.id, (int, str)) else int(h.id), "score": _finite(h.score),
+            "first_stage_score": _finite(h.first_stage_score), "rerank_score": rerank,
+            "fused_score": _finite(h.score) if fused and reranked else None, "text": h.text,
+            "metadata": h.metadata, "truncated": bool(h.truncated), "reranked": reranked}
+
+
 def _search_response(server: Server, res: Any, t0: float) -> Response:
-    hits = [
-        {"id": h.id if isinstance(h.id, (int, str)) else int(h.id), "score": _finite(h.score),
-         "first_stage_score": _finite(h.first_stage_score), "text": h.text, "metadata": h.metadata,
-         "truncated": bool(h.truncated), "reranked": bool(getattr(h, "reranked", True))}
-        for h in res.hits
-    ]
+    fusion = str(res.fusion)
+    hits = [_search_hit(h, fusion != "none") for h in res.hits]
     timings = {k: float(v) for k, v in dict(res.timings).items()}
     headers = {f"X-{k.replace('_', '-').title()}-Time": f"{v:.3f}" for k, v in timings.items()}
     headers.setdefault("X-Total-Time", _ms(time.monotonic() - t0))
@@ -486,4 +492,6 @@ def _search_response(server: Server, res: Any, t0: float) -> Response:
         server.metrics.search_stage_seconds.labels(stage).observe(v / 1000.0)
     if res.degraded:
         server.metrics.degraded.inc()
-    return JSONResponse({"hits": hits, "degraded": bool(res.degraded), "timings": timings}, headers=headers)
+    weight = None if res.fusion_weight is None else float(res.fusion_weight)
+    return JSONResponse({"hits": hits, "degraded": bool(res.degraded), "fusion": fusion, "fusion_weight": weight,
+                         "timings": timings}, headers=headers)
