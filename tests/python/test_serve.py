@@ -148,6 +148,38 @@ class Rounds:
         assert self.gate.wait(30)
 
 
+class Leaving:
+    """A raw ASGI POST of ``payload`` whose client disconnects when told to (after its body was
+    read); ``messages`` are what the app sent it."""
+
+    def __init__(self, app: Any, path: str, payload: dict[str, Any]) -> None:
+        self.leave = asyncio.Event()
+        self.messages: list[dict[str, Any]] = []
+        body = json.dumps(payload).encode()
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await self.leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            self.messages.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
+        self.call = asyncio.ensure_future(app(scope, receive, send))
+
+    async def disconnect(self) -> None:
+        """The client leaves; returns once the app has answered."""
+        self.leave.set()
+        await self.call
+
+
 def ranked(ce: CrossEncoder, query: str, docs: list[str]) -> list[tuple[int, float]]:
     return [(h["corpus_id"], h["score"]) for h in ce.rank(query, docs)]
 
@@ -659,32 +691,12 @@ def test_disconnected_client_is_dropped_before_compute(ce: CrossEncoder) -> None
         async with async_client(app) as c:
             held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
             await asyncio.to_thread(rounds.entered.wait, 30)
-            leave = asyncio.Event()
-            body = json.dumps({"query": "gone away", "texts": ["a", "b"]}).encode()
-            sent = False
-            messages: list[dict[str, Any]] = []
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await leave.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                messages.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/rerank", "raw_path": b"/rerank", "query_string": b"",
-                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
-            call = asyncio.ensure_future(app(scope, receive, send))
+            gone = Leaving(app, "/rerank", {"query": "gone away", "texts": ["a", "b"]})
             await until(lambda: queued_requests(app) == 2, "the leaving request queued behind the held one")
-            leave.set()
-            await call
+            await gone.disconnect()
             rounds.gate.set()
             assert (await held).status_code == 200
-            assert messages[0]["status"] == 499
+            assert gone.messages[0]["status"] == 499
 
     asyncio.run(go())
     gone = tuple(ce.tokenize(["gone away"])[0].tolist())
@@ -793,31 +805,11 @@ def test_search_degrades_at_its_deadline_from_arrival_and_is_dropped_when_the_cl
             await asyncio.to_thread(rounds.entered.wait, 30)
             late = await c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 20},
                                 headers={"X-Request-Timeout-Ms": "1500"})
-            leave = asyncio.Event()
-            body = json.dumps({"query": "gone away", "k": 3, "candidates": 10}).encode()
-            sent = False
-            messages: list[dict[str, Any]] = []
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await leave.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                messages.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/search", "raw_path": b"/search", "query_string": b"",
-                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
-            call = asyncio.ensure_future(app(scope, receive, send))
+            gone = Leaving(app, "/search", {"query": "gone away", "k": 3, "candidates": 10})
             await until(lambda: queued_requests(app) == 2, "the search's pairs queued behind the held round")
-            leave.set()
-            await call
+            await gone.disconnect()
             rounds.gate.set()
-            return await held, late, messages
+            return await held, late, gone.messages
 
     held, late, messages = asyncio.run(go())
     assert held.status_code == 200

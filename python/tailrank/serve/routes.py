@@ -4,10 +4,11 @@ the per-request pipeline they share: validate -> admit -> tokenize -> queue -> w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,10 @@ from .validate import Limits, Pairs, RerankSpec, deadline_s, rerank_spec, search
 __all__ = ["Reranker", "Server", "add_routes", "RERANK_PATHS"]
 
 RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
+
+# Bad input found below the routes; error_of maps each to its 4xx (or, for an unforeseen
+# TailrankError, a JSON 500 naming it).
+_BAD_INPUT = (ValueError, TypeError, TailrankError)
 
 _TIMEOUT_HEADER = Header(default=None, gt=0, le=MAX_DEADLINE_MS,
                          description="Deadline in milliseconds (overrides the body's deadline_ms)")
@@ -110,6 +115,15 @@ class Server:
             self.metrics.rejections.labels("limit").inc()
         return err
 
+    @contextlib.contextmanager
+    def refusing(self) -> Iterator[None]:
+        """Where bad input surfaces below the routes (validation, tokenizing, planning, the
+        first stage): its exception becomes its answer from the one table, counted."""
+        try:
+            yield
+        except _BAD_INPUT as e:
+            raise self.refuse(e) from None
+
     # -- the rerank pipeline ------------------------------------------------------------------
 
     async def rerank(self, request: Request, spec: RerankSpec, deadline: float) -> tuple[JobResult, float, int]:
@@ -123,10 +137,9 @@ class Server:
         t0 = time.perf_counter()
         pairs: Pairs | None = None
         try:
-            pairs, found = await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, partial(self._tokenize, spec))
-        except (ValueError, TypeError) as e:
-            raise self.refuse(e) from None
+            with self.refusing():
+                pairs, found = await asyncio.get_running_loop().run_in_executor(
+                    self.tokenize_pool, partial(self._tokenize, spec))
         finally:
             t_tok = time.perf_counter() - t0
             self.admission.tokenized(ticket, tokens=pairs.tokens if pairs is not None else 0,
@@ -225,10 +238,9 @@ class Server:
                                        f"(limit {limits.max_pending_searches}); retry later", 1.0))
         self.pending_searches += 1
         try:
-            call = partial(self.collection.first_stage, plan, vec, rr_tok)
-            return await asyncio.get_running_loop().run_in_executor(self.search_pool, call)
-        except (ValueError, TypeError) as e:
-            raise self.refuse(e) from None
+            with self.refusing():
+                call = partial(self.collection.first_stage, plan, vec, rr_tok)
+                return await asyncio.get_running_loop().run_in_executor(self.search_pool, call)
         finally:
             self.pending_searches -= 1
 
@@ -356,10 +368,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     ) -> Response:
         t0 = arrival_of(request.scope)
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
-        try:
+        with server.refusing():
             spec = rerank_spec(body, server.limits, auto_truncate=server.auto_truncate)
-        except (ValueError, TypeError) as e:
-            raise server.refuse(e) from None
         result, t_tok, tokens = None, 0.0, 0
         if spec.texts:
             result, t_tok, tokens = await server.rerank(request, spec, deadline)
@@ -389,15 +399,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
         if server.collection is None or server.search_pool is None:
             raise ServeError(404, "no collection is served (start with --collection DIR)", "not_found")
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
-        try:
+        with server.refusing():
             spec = search_spec(body, server.limits)
-        except (ValueError, TypeError) as e:
-            raise server.refuse(e) from None
-        try:
             plan = server.collection.plan_search(spec.query, k=spec.k, candidates=spec.candidates,
                                                  filter=spec.filter, rerank=spec.rerank, **spec.options)
-        except (ValueError, TypeError, TailrankError) as e:
-            raise server.refuse(e) from None
         res = await server.search(request, plan, deadline, t0)
         return _search_response(server, res, t0)
 
