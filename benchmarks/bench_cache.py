@@ -23,6 +23,11 @@ process, measured in the same run.
    machine's short run cannot reach (labelled as derived, not measured).
 4. Overhead: what the cache adds to a request that misses entirely (hash 100 keys, look them up,
    store 100 logits), and what a hit costs in the cache itself, ``--hit-repeats`` times.
+5. Refusals (``reject``): in-process 429 latency of ``--reject-repeats`` distinct uncached
+   requests (SciFact claims with their candidates) while the model is held (a blocked round) and
+   the speed pinned so that every one is refused; a server with the cache on (a refusal then also
+   digests the request's texts to ask the cache whether it was seen) and one with it off,
+   alternating request by request in one process.
 Writes ``cache.json`` and ``cache.md`` under ``--out``.
 """
 
@@ -83,7 +88,7 @@ def hit_vs_miss(args: argparse.Namespace, query: str, docs: list[str]) -> list[d
 
         app = create_app(off, score_cache_bytes=cache_bytes, scoring_nice=0)  # same priority as the library rows
         async with app.router.lifespan_context(app):
-            await asyncio.to_thread(app.state.tailrank.scheduler.wait_ready, 120)
+            await asyncio.to_thread(app.state.tailrank.wait_ready, 120)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                          timeout=120) as c:
                 r = await c.post("/rerank", json=body)  # warm-up (and, cache on, the store)
@@ -197,6 +202,59 @@ def overhead(args: argparse.Namespace, query: str, docs: list[str]) -> dict[str,
             "miss_overhead": pct_ms(timed(miss, args.hit_repeats)), "hit_lookup": pct_ms(hit)}
 
 
+def reject_path(args: argparse.Namespace, requests: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    import threading
+
+    import httpx
+
+    from tailrank.serve import create_app
+
+    model = CrossEncoder(args.model, threads=args.threads)
+    release = threading.Event()
+    entered = {"on": threading.Event(), "off": threading.Event()}
+
+    def hook(name: str) -> Any:
+        def held(jobs: list[Any]) -> None:
+            entered[name].set()
+            release.wait()
+        return held
+
+    apps = {name: create_app(model, score_cache_bytes=cache, scoring_nice=0, default_deadline_ms=10_000,
+                             round_hook=hook(name)) for name, cache in (("on", 64 << 20), ("off", 0))}
+
+    async def go() -> dict[str, list[float]]:
+        from contextlib import AsyncExitStack
+
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        async with AsyncExitStack() as stack:
+            clients = {}
+            holds = []
+            for name, app in apps.items():
+                await stack.enter_async_context(app.router.lifespan_context(app))
+                await asyncio.to_thread(app.state.tailrank.wait_ready, 300)
+                c = await stack.enter_async_context(httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120))
+                clients[name] = c
+                holds.append(asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "documents": ["x"]})))
+                await asyncio.to_thread(entered[name].wait, 120)
+                app.state.tailrank.admission.tokens_per_s = 1.0  # any request would miss its deadline
+            for i in range(args.reject_repeats + 5):
+                query, docs = requests[1 + i % (len(requests) - 1)]
+                for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                    t = time.perf_counter()
+                    r = await clients[name].post("/rerank", json={"query": query, "documents": docs})
+                    dt = time.perf_counter() - t
+                    assert r.status_code == 429, r.text
+                    if i >= 5:  # warm-up
+                        times[name].append(dt)
+            release.set()
+            await asyncio.gather(*holds)
+        return times
+
+    times = asyncio.run(go())
+    return [{"config": f"cache {name}", "refusals": len(t), **pct_ms(t)} for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -210,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hit-repeats", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--phases", default="hit,zipf,steady,overhead", help="comma-separated subset to run")
+    p.add_argument("--reject-repeats", type=int, default=200)
+    p.add_argument("--phases", default="hit,zipf,steady,overhead,reject", help="comma-separated subset to run")
     args = p.parse_args(argv)
     phases = set(args.phases.split(","))
 
@@ -225,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     zm = zipf_mix(args, requests) if "zipf" in phases else []
     ss = steady_state(args, requests, hm) if "steady" in phases and hm else []
     oh = overhead(args, *requests[0]) if "overhead" in phases else None
+    rj = reject_path(args, requests) if "reject" in phases else []
     load_end = [round(x, 2) for x in os.getloadavg()]
     payload = {"environment": env, "loadavg_at_end": load_end, "args": vars(args), "hit_vs_miss": hm, "zipf": zm,
-               "steady_state": ss, "overhead": oh}
+               "steady_state": ss, "overhead": oh, "reject": rj}
     write_json(Path(args.out) / "cache.json", payload)
     t1 = markdown_table(
         ["path", "miss p50 ms", "miss p99 ms", "hit p50 ms", "hit p99 ms", "speed-up (p50)"],
@@ -250,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         md += (f"\ncache work per {oh['pairs']}-pair request ({oh['tokens']} document tokens): all-miss "
                f"p50 {oh['miss_overhead']['p50_ms']:.3f} ms (p99 {oh['miss_overhead']['p99_ms']:.3f}), "
                f"all-hit lookup p50 {oh['hit_lookup']['p50_ms']:.3f} ms (p99 {oh['hit_lookup']['p99_ms']:.3f})\n")
+    if rj:
+        md += "\n" + markdown_table(["in-process 429", "refusals", "p50 ms", "p99 ms", "mean ms"],
+                                    [[r["config"], r["refusals"], r["p50_ms"], r["p99_ms"], r["mean_ms"]]
+                                     for r in rj]) + "\n"
     write_text(Path(args.out) / "cache.md", md)
     print(md)
     return 0

@@ -446,15 +446,17 @@ def markdown(res: dict[str, Any]) -> str:
                       if "saturation" in s)
             + "\n")
     probe = ""
-    pr = res["systems"].get("tailrank", {}).get("reject_probe")
-    if pr:
+    for name, system in res["systems"].items():
+        pr = system.get("reject_probe")
+        if not pr:
+            continue
         ps = pr["summary"]
-        probe = (f"\n\nRejection probe ({pr['fill_clients']} closed-loop clients keep the scorer busy; "
-                 f"{pr['rate']:g}/s open-loop requests with a {pr['deadline_ms']:.0f} ms deadline for "
-                 f"{pr['duration_s']:g} s): {ps['rejected']} x 429, p50 {ps['reject_p50_ms']:.1f} ms, p99 "
-                 f"{ps['reject_p99_ms']:.1f} ms, max {ps['reject_max_ms']:.1f} ms (from send: p99 "
-                 f"{ps['reject_sent_p99_ms']:.1f} ms; in the server: p99 {ps['reject_server_p99_ms']:.1f} ms); "
-                 f"client send lateness p50 {ps['send_late_p50_ms']:.1f} ms, p99 {ps['send_late_p99_ms']:.1f} ms.")
+        probe += (f"\n\nRejection probe, {name} ({pr['fill_clients']} closed-loop clients keep the scorer busy; "
+                  f"{pr['rate']:g}/s open-loop requests with a {pr['deadline_ms']:.0f} ms deadline for "
+                  f"{pr['duration_s']:g} s): {ps['rejected']} x 429, p50 {ps['reject_p50_ms']:.1f} ms, p99 "
+                  f"{ps['reject_p99_ms']:.1f} ms, max {ps['reject_max_ms']:.1f} ms (from send: p99 "
+                  f"{ps['reject_sent_p99_ms']:.1f} ms; in the server: p99 {ps['reject_server_p99_ms']:.1f} ms); "
+                  f"client send lateness p50 {ps['send_late_p50_ms']:.1f} ms, p99 {ps['send_late_p99_ms']:.1f} ms.")
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     targets = "".join(f"- {k}: {verdict[v['pass']]} {json.dumps({a: b for a, b in v.items() if a != 'pass'})}\n"
                       for k, v in res["targets"].items())
@@ -502,18 +504,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res.setdefault("load", {})[name] = os.getloadavg()
             for req in requests[:2]:  # warm-up, not timed
                 httpx.post(url, json=body_of(req), timeout=args.client_timeout).raise_for_status()
-            print(f"{name}: saturation ...", flush=True)
-            sat = saturation(url, requests, args.saturation_clients, args.saturation_duration)
-            out: dict[str, Any] = {"command": server.cmd, "pythonpath": server.python_path, "saturation": sat,
-                                   "rates": []}
+            out: dict[str, Any] = {"command": server.cmd, "pythonpath": server.python_path, "rates": []}
+            if args.saturation_duration > 0 or not args.base_rate:
+                print(f"{name}: saturation ...", flush=True)
+                out["saturation"] = saturation(url, requests, args.saturation_clients, args.saturation_duration)
             if base_rate is None:  # every system is offered the same rates: those of the first (or --base-rate)
-                base_rate = args.base_rate or sat["rps"]
+                base_rate = args.base_rate or out["saturation"]["rps"]
             for i, f in enumerate(args.load_factors):
                 rate = f * base_rate
                 print(f"{name}: {f:g}x = {rate:.3f} req/s for {args.duration:g} s ...", flush=True)
                 summary, _ = open_loop(url, requests, rate, args, args.seed + i)
                 out["rates"].append({"factor": f, "rate": rate, "loadavg": os.getloadavg(), **summary})
-            if name == "tailrank" and args.probe_duration > 0 and args.endpoint == "rerank":
+            if name != "baseline" and args.probe_duration > 0 and args.endpoint == "rerank":
                 print(f"{name}: rejection probe {args.probe_rate:g}/s for {args.probe_duration:g} s ...", flush=True)
                 out["reject_probe"] = reject_probe(url, requests, args)
             if name == "tailrank" and args.overload_duration > 0 and args.endpoint == "rerank":

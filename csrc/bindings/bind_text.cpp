@@ -5,6 +5,8 @@
 #include "fused.hpp"
 #include "pairs.hpp"
 
+#include <optional>
+
 namespace tailrank::bind {
 
 namespace {
@@ -13,6 +15,13 @@ Truncation parse_truncation(const std::string& s) {
   if (s == "longest_first") return Truncation::kLongestFirst;
   if (s == "only_second") return Truncation::kOnlySecond;
   throw std::invalid_argument("truncation must be \"longest_first\" or \"only_second\", got \"" + s + "\"");
+}
+
+TruncationSide parse_side(const std::string& s) {
+  if (s == "right") return TruncationSide::kRight;
+  if (s == "left") return TruncationSide::kLeft;
+  throw std::invalid_argument("truncation_side must be \"right\" (keep the starts) or \"left\" (keep the ends), got \"" +
+                              s + "\"");
 }
 
 /// Documents copied out of Python objects before the GIL is released.
@@ -143,18 +152,20 @@ void bind_text(py::module_& m) {
 
   py::class_<PairAssembler>(m, "PairAssembler")
       .def(py::init([](const std::vector<std::tuple<int, int64_t, int>>& pieces, int64_t pad_id, size_t max_length,
-                       const std::string& truncation, size_t batch_tokens, size_t max_batch_size, bool int32) {
+                       const std::string& truncation, size_t batch_tokens, size_t max_batch_size, bool int32,
+                       const std::string& truncation_side) {
              PairTemplate t;
              for (const auto& [kind, token, type] : pieces) {
                if (kind < 0 || kind > 2) throw std::invalid_argument("template piece kind must be 0, 1 or 2");
                t.pieces.push_back(TemplatePiece{TemplatePiece::Kind(kind), token, type});
              }
              t.pad_id = pad_id;
-             AssemblerOptions o{max_length, parse_truncation(truncation), batch_tokens, max_batch_size, int32};
+             AssemblerOptions o{max_length, parse_truncation(truncation), batch_tokens, max_batch_size, int32,
+                                parse_side(truncation_side)};
              return new PairAssembler(std::move(t), o);
            }),
            py::arg("pieces"), py::arg("pad_id"), py::arg("max_length"), py::arg("truncation"), py::arg("batch_tokens"),
-           py::arg("max_batch_size"), py::arg("int32"))
+           py::arg("max_batch_size"), py::arg("int32"), py::arg("truncation_side") = "right")
       .def(
           "assemble",
           [](PairAssembler& self, const CArray<int32_t>& query, const py::sequence& docs) {
@@ -171,22 +182,31 @@ void bind_text(py::module_& m) {
       .def(
           "assemble_multi",
           [](PairAssembler& self, const py::sequence& queries, const CArray<int64_t>& query_index,
-             const py::sequence& docs) {
+             const py::sequence& docs, const std::optional<CArray<uint8_t>>& keep_ends) {
             require_1d(query_index, "query_index");
             if (size_t(query_index.size()) != docs.size())
               throw std::invalid_argument("query_index must have one entry per document: got " +
                                           std::to_string(query_index.size()) + " for " + std::to_string(docs.size()) +
                                           " documents");
+            std::vector<uint8_t> ends;
+            if (keep_ends) {
+              require_1d(*keep_ends, "keep_ends");
+              if (size_t(keep_ends->size()) != docs.size())
+                throw std::invalid_argument("keep_ends must have one entry per document: got " +
+                                            std::to_string(keep_ends->size()) + " for " +
+                                            std::to_string(docs.size()) + " documents");
+              ends.assign(keep_ends->data(), keep_ends->data() + keep_ends->size());
+            }
             OwnedDocs owned_q = own_docs(queries, "query");
             OwnedDocs owned_d = own_docs(docs);
             std::vector<int64_t> qi(query_index.data(), query_index.data() + query_index.size());
             {
               py::gil_scoped_release nogil;
-              self.assemble_multi(owned_q.views, qi.data(), owned_d.views);
+              self.assemble_multi(owned_q.views, qi.data(), owned_d.views, keep_ends ? ends.data() : nullptr);
             }
             return assembly_result(self);
           },
-          py::arg("queries"), py::arg("query_index"), py::arg("docs"))
+          py::arg("queries"), py::arg("query_index"), py::arg("docs"), py::arg("keep_ends") = py::none())
       .def(
           "assemble_from_store",
           [](PairAssembler& self, const CArray<int32_t>& query, const DocStore& store, const CArray<uint64_t>& ids) {
@@ -211,6 +231,9 @@ void bind_text(py::module_& m) {
       .def("truncate_lengths", &PairAssembler::truncate_lengths, py::arg("query_len"), py::arg("doc_len"))
       .def_property_readonly("buffer_bytes", &PairAssembler::buffer_bytes)
       .def_property_readonly("max_length", [](const PairAssembler& a) { return a.options().max_length; })
+      .def_property_readonly("truncation_side", [](const PairAssembler& a) {
+        return std::string(a.options().side == TruncationSide::kLeft ? "left" : "right");
+      })
       .def_property_readonly("batch_tokens", [](const PairAssembler& a) { return a.options().batch_tokens; })
       .def_property_readonly("max_batch_size", [](const PairAssembler& a) { return a.options().max_batch_rows; })
       .def_property_readonly("n_special", [](const PairAssembler& a) { return a.pair_template().n_special(); });

@@ -161,7 +161,7 @@ const std::vector<BatchSpec>& PairAssembler::assemble(const int32_t* q, size_t q
                                                       const std::vector<TokenView>& docs) {
   BusyGuard g(busy_);
   scratch_query_.assign(1, query_view(q, q_len));
-  return run(scratch_query_, nullptr, docs);
+  return run(scratch_query_, nullptr, docs, nullptr);
 }
 
 const std::vector<BatchSpec>& PairAssembler::assemble_from_store(const int32_t* q, size_t q_len, const DocStore& store,
@@ -172,12 +172,13 @@ const std::vector<BatchSpec>& PairAssembler::assemble_from_store(const int32_t* 
   scratch_docs_.reserve(n);
   for (size_t i = 0; i < n; ++i) scratch_docs_.push_back(store.view_locked(ids[i]));
   scratch_query_.assign(1, query_view(q, q_len));
-  return run(scratch_query_, nullptr, scratch_docs_);
+  return run(scratch_query_, nullptr, scratch_docs_, nullptr);
 }
 
 const std::vector<BatchSpec>& PairAssembler::assemble_multi(const std::vector<TokenView>& queries,
                                                             const int64_t* query_index,
-                                                            const std::vector<TokenView>& docs) {
+                                                            const std::vector<TokenView>& docs,
+                                                            const uint8_t* keep_ends) {
   BusyGuard g(busy_);
   const size_t n = docs.size();
   for (size_t i = 0; i < n; ++i) {
@@ -185,11 +186,11 @@ const std::vector<BatchSpec>& PairAssembler::assemble_multi(const std::vector<To
       throw std::invalid_argument("query_index[" + std::to_string(i) + "] is " + std::to_string(query_index[i]) +
                                   "; it must be in [0, " + std::to_string(queries.size()) + ") (one entry per query)");
   }
-  return run(queries, query_index, docs);
+  return run(queries, query_index, docs, keep_ends);
 }
 
 const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& queries, const int64_t* query_index,
-                                                 const std::vector<TokenView>& docs) {
+                                                 const std::vector<TokenView>& docs, const uint8_t* keep_ends) {
   const size_t n = docs.size();
   if (n > kMaxPairs)
     throw std::invalid_argument(std::to_string(n) + " pairs in one assembly; at most " + std::to_string(kMaxPairs) +
@@ -226,25 +227,28 @@ const std::vector<BatchSpec>& PairAssembler::run(const std::vector<TokenView>& q
   own_buffer(mask_, spare_mask_, bytes, alloc_);
   own_buffer(types_, spare_types_, bytes, alloc_);
   if (opts_.int32)
-    fill<int32_t>(queries, query_index, docs);
+    fill<int32_t>(queries, query_index, docs, keep_ends);
   else
-    fill<int64_t>(queries, query_index, docs);
+    fill<int64_t>(queries, query_index, docs, keep_ends);
   return batches_;
 }
 
 namespace {
+/// Copies `keep` tokens of `v`: its first ones, or with `ends` its last ones.
 template <class T>
-void copy_tokens(const TokenView& v, size_t keep, T* out) {
+void copy_tokens(const TokenView& v, size_t keep, bool ends, T* out) {
+  size_t from = ends ? v.size - keep : 0;
   if (v.u16)
-    for (size_t i = 0; i < keep; ++i) out[i] = T(v.u16[i]);
+    for (size_t i = 0; i < keep; ++i) out[i] = T(v.u16[from + i]);
   else
-    for (size_t i = 0; i < keep; ++i) out[i] = T(v.i32[i]);
+    for (size_t i = 0; i < keep; ++i) out[i] = T(v.i32[from + i]);
 }
 }  // namespace
 
 template <class T>
 void PairAssembler::fill(const std::vector<TokenView>& queries, const int64_t* query_index,
-                         const std::vector<TokenView>& docs) {
+                         const std::vector<TokenView>& docs, const uint8_t* keep_ends) {
+  const bool side_ends = opts_.side == TruncationSide::kLeft;
   T* ids = static_cast<T*>(ids_->data());
   T* mask = static_cast<T*>(mask_->data());
   T* types = static_cast<T*>(types_->data());
@@ -252,6 +256,7 @@ void PairAssembler::fill(const std::vector<TokenView>& queries, const int64_t* q
     for (size_t r = 0; r < b.rows; ++r) {
       size_t cand = size_t(order_[b.row_start + r]);
       const TokenView& q = queries[query_index ? size_t(query_index[cand]) : 0];
+      const bool ends = keep_ends ? keep_ends[cand] != 0 : side_ends;
       size_t base = b.offset + r * b.seq_len;
       T* out = ids + base;
       T* ty = types + base;
@@ -263,7 +268,7 @@ void PairAssembler::fill(const std::vector<TokenView>& queries, const int64_t* q
         } else {
           bool is_query = p.kind == TemplatePiece::kSeqA;
           size_t keep = is_query ? keep_q_[cand] : keep_d_[cand];
-          copy_tokens(is_query ? q : docs[cand], keep, out + pos);
+          copy_tokens(is_query ? q : docs[cand], keep, ends, out + pos);
           std::fill(ty + pos, ty + pos + keep, T(p.type_id));
           pos += keep;
         }

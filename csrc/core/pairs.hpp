@@ -28,6 +28,9 @@ struct PairTemplate {
 };
 
 enum class Truncation { kLongestFirst, kOnlySecond };
+/// Which tokens of a cut sequence stay: its starts (Hugging Face's default, truncation_side
+/// "right") or its ends ("left"). The counts kept are the same either way (truncate_lengths).
+enum class TruncationSide { kRight, kLeft };
 
 /// Where one batch lives in the assembler's buffers.
 struct BatchSpec {
@@ -77,6 +80,7 @@ struct AssemblerOptions {
   size_t batch_tokens = 16384;  // rows x padded length per batch, at most
   size_t max_batch_rows = 256;
   bool int32 = false;           // tensor dtype: int64 (default) or int32
+  TruncationSide side = TruncationSide::kRight;  // of every pair, unless assemble_multi says per pair
 };
 
 /// Builds cross-encoder batches. One assembly at a time: a second concurrent call throws
@@ -98,8 +102,11 @@ class PairAssembler {
   /// Pairs with different queries in one assembly: document i is paired with
   /// queries[query_index[i]]. Same truncation, ordering, budget and buffers as assemble();
   /// throws invalid_argument (before any work) when an index is outside [0, queries.size()).
+  /// `keep_ends` (null: options().side for every pair) is per pair: nonzero keeps the ends of
+  /// its cut query and document (left truncation), zero their starts.
   const std::vector<BatchSpec>& assemble_multi(const std::vector<TokenView>& queries, const int64_t* query_index,
-                                               const std::vector<TokenView>& docs);
+                                               const std::vector<TokenView>& docs,
+                                               const uint8_t* keep_ends = nullptr);
 
   /// order()[r] = candidate index of row r (rows numbered across batches).
   const std::vector<int64_t>& order() const { return order_; }
@@ -128,11 +135,12 @@ class PairAssembler {
 
  private:
   /// Candidate i pairs queries[query_index[i]], or queries[0] for every candidate when
-  /// query_index is null.
+  /// query_index is null; keeps the ends of its cut sequences where keep_ends[i] (null: the side option).
   const std::vector<BatchSpec>& run(const std::vector<TokenView>& queries, const int64_t* query_index,
-                                    const std::vector<TokenView>& docs);
+                                    const std::vector<TokenView>& docs, const uint8_t* keep_ends);
   template <class T>
-  void fill(const std::vector<TokenView>& queries, const int64_t* query_index, const std::vector<TokenView>& docs);
+  void fill(const std::vector<TokenView>& queries, const int64_t* query_index, const std::vector<TokenView>& docs,
+            const uint8_t* keep_ends);
 
   PairTemplate tmpl_;
   AssemblerOptions opts_;

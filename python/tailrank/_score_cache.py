@@ -64,27 +64,42 @@ class CacheLookup:
         return self.miss.size == 0
 
 
+# Appended to the fingerprint of a pair cut keeping its ends: its logits differ from the same
+# token ids cut keeping the starts (the fingerprint's "truncation" describes the latter).
+_LEFT_SIDE = b"|truncation_side=left"
+
+
 def pair_keys(
     fingerprint: bytes,
     queries: Sequence[npt.NDArray[np.int32]],
     query_index: npt.ArrayLike | None,
     docs: Sequence[npt.NDArray[np.int32]],
+    keep_ends: npt.ArrayLike | None = None,
 ) -> list[bytes]:
     """Cache keys of the pairs (``queries[query_index[i]]``, ``docs[i]``); ``query_index`` None
-    pairs every document with ``queries[0]``. Token ids are hashed as int32, length-framed."""
-    bases = []
-    for q in queries:
-        h = hashlib.blake2b(digest_size=_KEY_BYTES)
-        h.update(len(fingerprint).to_bytes(4, "little"))
-        h.update(fingerprint)
-        q32 = np.ascontiguousarray(q, dtype=np.int32)
-        h.update(q32.size.to_bytes(8, "little"))
-        h.update(q32.data)
-        bases.append(h)
+    pairs every document with ``queries[0]``. Token ids are hashed as int32, length-framed.
+    ``keep_ends`` marks pairs the assembly cuts keeping the ends (left truncation): they are
+    keyed apart from the same ids cut keeping the starts."""
+
+    def bases(fp: bytes) -> list[hashlib.blake2b]:
+        out = []
+        for q in queries:
+            h = hashlib.blake2b(digest_size=_KEY_BYTES)
+            h.update(len(fp).to_bytes(4, "little"))
+            h.update(fp)
+            q32 = np.ascontiguousarray(q, dtype=np.int32)
+            h.update(q32.size.to_bytes(8, "little"))
+            h.update(q32.data)
+            out.append(h)
+        return out
+
+    right = bases(fingerprint)
     index = [0] * len(docs) if query_index is None else np.asarray(query_index, dtype=np.int64).tolist()
+    ends = [False] * len(docs) if keep_ends is None else np.asarray(keep_ends, dtype=bool).tolist()
+    left = bases(fingerprint + _LEFT_SIDE) if any(ends) else right
     out = []
-    for qi, d in zip(index, docs):
-        h = bases[qi].copy()
+    for qi, d, e in zip(index, docs, ends):
+        h = (left if e else right)[qi].copy()
         d32 = np.ascontiguousarray(d, dtype=np.int32)
         h.update(d32.size.to_bytes(8, "little"))
         h.update(d32.data)
@@ -131,6 +146,13 @@ class ScoreCache:
             joined = b"".join(v for v in found if v is not None)
             logits[hit] = np.frombuffer(joined, dtype=np.float32).reshape(n_hit, self.n_labels)
         return CacheLookup(list(keys), logits, np.flatnonzero(~hit).astype(np.int64))
+
+    def holds(self, keys: Sequence[bytes]) -> npt.NDArray[np.bool_]:
+        """Whether each key is held now, without counting a lookup or marking it used (a hint:
+        an entry may be evicted right after)."""
+        with self._lock:
+            items = self._items
+            return np.fromiter((k in items for k in keys), dtype=bool, count=len(keys))
 
     def store(self, keys: Sequence[bytes], logits: npt.ArrayLike) -> None:
         """Stores the logits rows ([len(keys), n_labels], float32) of ``keys``, evicting the least

@@ -17,8 +17,10 @@ from .docstore import DocStore
 from .index import VectorIndex, _allow_list
 
 Truncation = Literal["longest_first", "only_second"]
+TruncationSide = Literal["right", "left"]
 
-__all__ = ["PairTemplate", "PairBatcher", "Batch", "Assembly", "retrieve_and_assemble", "Truncation"]
+__all__ = ["PairTemplate", "PairBatcher", "Batch", "Assembly", "retrieve_and_assemble", "Truncation",
+           "TruncationSide"]
 
 _SPECIAL, _SEQ_A, _SEQ_B = 0, 1, 2
 _PAD_NAMES = ("[PAD]", "<pad>", "<PAD>", "[pad]")
@@ -186,6 +188,9 @@ class PairBatcher:
         batch_tokens: Budget per batch: rows x padded length <= batch_tokens (>= max_length).
         max_batch_size: Row cap per batch.
         dtype: ``np.int64`` (default) or ``np.int32`` tensors.
+        truncation_side: Which tokens of a cut query or document stay: ``"right"`` keeps the
+            starts (the default, as Hugging Face), ``"left"`` the ends (its
+            ``truncation_side="left"``, TEI's ``truncation_direction: left``); as many either way.
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class PairBatcher:
         batch_tokens: int = 16384,
         max_batch_size: int = 256,
         dtype: Any = np.int64,
+        truncation_side: TruncationSide = "right",
     ) -> None:
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.int64), np.dtype(np.int32)):
@@ -210,6 +216,7 @@ class PairBatcher:
             positive_int(batch_tokens, "batch_tokens"),
             positive_int(max_batch_size, "max_batch_size"),
             dt == np.dtype(np.int32),
+            str(truncation_side),
         )
 
     @property
@@ -219,6 +226,10 @@ class PairBatcher:
     @property
     def batch_tokens(self) -> int:
         return self._compiled.batch_tokens
+
+    @property
+    def truncation_side(self) -> TruncationSide:
+        return "left" if self._compiled.truncation_side == "left" else "right"
 
     @property
     def buffer_bytes(self) -> int:
@@ -245,13 +256,20 @@ class PairBatcher:
         q = as_token_ids(query_ids, "query_ids")
         return self._result(self._compiled.assemble_from_store(q, store._compiled, as_ids(ids)))
 
-    def assemble_multi(self, queries: Any, query_index: npt.ArrayLike, documents: Any) -> Assembly:
+    def assemble_multi(self, queries: Any, query_index: npt.ArrayLike, documents: Any, *,
+                       keep_ends: npt.ArrayLike | None = None) -> Assembly:
         """Assembles pairs whose queries differ, in one set of batches: document i is paired with
         ``queries[query_index[i]]`` (token ids, no special tokens). Truncation, longest-first order,
         budget and buffers are as in :meth:`assemble`; candidates are the documents.
 
+        Args:
+            keep_ends: Per document, whether its pair, when cut, keeps the ends of its query and
+                document (left truncation) rather than the starts; None: ``truncation_side`` for
+                every pair. Pairs of both sides share the batches.
+
         Raises:
-            ValueError: ``query_index`` is not one integer per document in ``[0, len(queries))``.
+            ValueError: ``query_index`` (or ``keep_ends``) is not one entry per document, or an
+                index is outside ``[0, len(queries))``.
         """
         qs = [as_token_ids(q, f"queries[{i}]") for i, q in enumerate(queries)]
         qi = np.asarray(query_index)
@@ -260,7 +278,13 @@ class PairBatcher:
         if qi.dtype.kind == "u" and qi.size and int(qi.max()) >= len(qs):
             raise ValueError(f"query_index holds {int(qi.max())}; it must be in [0, {len(qs)})")
         docs = list(documents)
-        return self._result(self._compiled.assemble_multi(qs, np.ascontiguousarray(qi, dtype=np.int64), docs))
+        ends = None
+        if keep_ends is not None:
+            ke = np.asarray(keep_ends)
+            if ke.ndim != 1 or (ke.size and ke.dtype != np.bool_):
+                raise ValueError(f"keep_ends must be a 1-D sequence of bools, got {ke.ndim}-D dtype {ke.dtype}")
+            ends = np.ascontiguousarray(ke, dtype=np.uint8)
+        return self._result(self._compiled.assemble_multi(qs, np.ascontiguousarray(qi, dtype=np.int64), docs, ends))
 
     def _result(self, raw: tuple[Any, Any, Any, Any]) -> Assembly:
         specs, order, lengths, truncated = raw
@@ -281,7 +305,8 @@ class PairBatcher:
         return Assembly(tuple(batches), order, lengths, truncated)
 
     def __repr__(self) -> str:
-        return f"PairBatcher(max_length={self.max_length}, batch_tokens={self.batch_tokens})"
+        side = "" if self.truncation_side == "right" else ", truncation_side='left'"
+        return f"PairBatcher(max_length={self.max_length}, batch_tokens={self.batch_tokens}{side})"
 
 
 def retrieve_and_assemble(

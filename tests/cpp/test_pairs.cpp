@@ -111,9 +111,10 @@ Row row_of_candidate(const PairAssembler& a, size_t cand) {
   return read_row(a, size_t(it - order.begin()));
 }
 
-/// Reference assembly of one pair from the template, independent of the assembler's code.
+/// Reference assembly of one pair from the template, independent of the assembler's code; `ends`
+/// keeps the last tokens of each sequence (left truncation) instead of the first.
 Row expected_row(const PairTemplate& t, const Tokens& q, const Tokens& d, size_t keep_q, size_t keep_d,
-                 size_t seq_len) {
+                 size_t seq_len, bool ends = false) {
   Row row;
   for (const TemplatePiece& p : t.pieces) {
     if (p.kind == TemplatePiece::kSpecial) {
@@ -122,7 +123,8 @@ Row expected_row(const PairTemplate& t, const Tokens& q, const Tokens& d, size_t
     } else {
       const Tokens& s = p.kind == TemplatePiece::kSeqA ? q : d;
       size_t keep = p.kind == TemplatePiece::kSeqA ? keep_q : keep_d;
-      for (size_t i = 0; i < keep; ++i) {
+      size_t from = ends ? s.size() - keep : 0;
+      for (size_t i = from; i < from + keep; ++i) {
         row.ids.push_back(s[i]);
         row.types.push_back(p.type_id);
       }
@@ -254,6 +256,41 @@ TEST(PairAssembler, TruncationHandExamples) {
   }
 }
 
+TEST(PairAssembler, LeftTruncationHandExamples) {
+  // The same counts as TruncationHandExamples, taken from the ends (tokenizers' truncation_side "left").
+  const Tokens q = {1, 2, 3, 4, 5};
+  const std::vector<Tokens> docs = {{11, 12, 13, 14, 15, 16}, {21, 22}};
+  {
+    AssemblerOptions o = options(10);
+    o.side = TruncationSide::kLeft;
+    PairAssembler a(bert_template(), o);
+    a.assemble(q.data(), q.size(), views(docs));
+    EXPECT_EQ(row_of_candidate(a, 0).ids, (std::vector<int64_t>{101, 3, 4, 5, 102, 13, 14, 15, 16, 102}));
+    // A pair that fits is whole whatever the side.
+    EXPECT_EQ(row_of_candidate(a, 1).ids, (std::vector<int64_t>{101, 1, 2, 3, 4, 5, 102, 21, 22, 102}));
+    EXPECT_EQ(a.lengths(), (std::vector<int64_t>{10, 10}));
+    EXPECT_EQ(a.truncated(), (std::vector<uint8_t>{1, 0}));
+  }
+  {
+    AssemblerOptions o = options(10, Truncation::kOnlySecond);
+    o.side = TruncationSide::kLeft;
+    PairAssembler a(bert_template(), o);
+    a.assemble(q.data(), q.size(), views(docs));
+    EXPECT_EQ(row_of_candidate(a, 0).ids, (std::vector<int64_t>{101, 1, 2, 3, 4, 5, 102, 15, 16, 102}));
+  }
+  {
+    // Per pair in one assembly: candidate 0 keeps ends, candidate 1 (the same pair) starts.
+    PairAssembler a(bert_template(), options(10));
+    const std::vector<Tokens> same = {docs[0], docs[0]};
+    const std::vector<Tokens> qs = {q};
+    std::vector<int64_t> qi = {0, 0};
+    std::vector<uint8_t> ends = {1, 0};
+    a.assemble_multi(views(qs), qi.data(), views(same), ends.data());
+    EXPECT_EQ(row_of_candidate(a, 0).ids, (std::vector<int64_t>{101, 3, 4, 5, 102, 13, 14, 15, 16, 102}));
+    EXPECT_EQ(row_of_candidate(a, 1).ids, (std::vector<int64_t>{101, 1, 2, 3, 102, 11, 12, 13, 14, 102}));
+  }
+}
+
 TEST(PairAssembler, TruncateLengthsMatchesTokenizers) {
   // Values worked out by hand from tokenizers' rules, BERT template, max_length 512 (509 free).
   PairAssembler lf(bert_template(), options(512));
@@ -299,8 +336,10 @@ TEST(PairAssembler, TruncateLengthsMatchesTokenizers) {
 
 /// Checks the batch layout rules and every row's contents against the reference assembly;
 /// candidate i pairs queries[query_index[i]].
+/// `keep_ends`: the per-pair sides the assembly was given (null: the assembler's side option).
 void check_assembly_multi(const PairAssembler& a, const std::vector<Tokens>& queries,
-                          const std::vector<int64_t>& query_index, const std::vector<Tokens>& docs) {
+                          const std::vector<int64_t>& query_index, const std::vector<Tokens>& docs,
+                          const std::vector<uint8_t>* keep_ends = nullptr) {
   const size_t n = docs.size();
   const AssemblerOptions& o = a.options();
   ASSERT_EQ(a.order().size(), n);
@@ -352,7 +391,8 @@ void check_assembly_multi(const PairAssembler& a, const std::vector<Tokens>& que
     size_t seq_len = 0;
     for (const BatchSpec& b : a.batches())
       if (r >= b.row_start && r < b.row_start + b.rows) seq_len = b.seq_len;
-    Row want = expected_row(a.pair_template(), q, docs[cand], keep.first, keep.second, seq_len);
+    bool ends = keep_ends ? (*keep_ends)[cand] != 0 : o.side == TruncationSide::kLeft;
+    Row want = expected_row(a.pair_template(), q, docs[cand], keep.first, keep.second, seq_len, ends);
     ASSERT_EQ(read_row(a, r), want) << "candidate " << cand;
   }
 }
@@ -777,6 +817,49 @@ TEST(PairAssembler, MultiQueryRowsMatchReference) {
       }
     }
   }
+}
+
+TEST(PairAssembler, LeftSideRowsMatchReference) {
+  // The side option and per-pair sides, every template, truncation rule, dtype and the narrow
+  // (uint16) store path: each row holds the ends of its cut sequences, as the reference builds it.
+  std::mt19937 rng(51);
+  std::vector<Tokens> queries = {{7, 8, 9}, {}, Tokens(90, 11), {42}};
+  for (auto& t : queries[2]) t = int32_t(rng() % 30000);
+  auto docs = random_docs(rng, 200, 150, 30000);
+  std::vector<int64_t> qi(docs.size());
+  for (auto& x : qi) x = int64_t(rng() % queries.size());
+  std::vector<uint8_t> mixed(docs.size());
+  for (auto& e : mixed) e = uint8_t(rng() % 2);
+  for (Truncation tr : {Truncation::kLongestFirst, Truncation::kOnlySecond}) {
+    for (const PairTemplate& t : {bert_template(), roberta_template()}) {
+      for (bool int32 : {false, true}) {
+        SCOPED_TRACE(std::string("only_second ") + (tr == Truncation::kOnlySecond ? "1" : "0") + " int32 " +
+                     (int32 ? "1" : "0"));
+        AssemblerOptions o = options(128, tr, 1000, 16, int32);
+        o.side = TruncationSide::kLeft;
+        PairAssembler left(t, o);
+        left.assemble_multi(views(queries), qi.data(), views(docs));
+        check_assembly_multi(left, queries, qi, docs);
+        PairAssembler per_pair(t, options(128, tr, 1000, 16, int32));
+        per_pair.assemble_multi(views(queries), qi.data(), views(docs), mixed.data());
+        check_assembly_multi(per_pair, queries, qi, docs, &mixed);
+        // Per-pair sides override the option both ways.
+        left.assemble_multi(views(queries), qi.data(), views(docs), mixed.data());
+        check_assembly_multi(left, queries, qi, docs, &mixed);
+      }
+    }
+  }
+  std::map<uint64_t, Tokens> by_id;
+  for (size_t i = 0; i < docs.size(); ++i) by_id[10 + i] = docs[i];
+  auto store = make_store(30522, by_id);
+  ASSERT_FALSE(store->wide());
+  std::vector<uint64_t> ids;
+  for (size_t i = 0; i < docs.size(); ++i) ids.push_back(10 + i);
+  AssemblerOptions o = options(128);
+  o.side = TruncationSide::kLeft;
+  PairAssembler a(bert_template(), o);
+  a.assemble_from_store(queries[2].data(), queries[2].size(), *store, ids.data(), ids.size());
+  check_assembly(a, queries[2], docs);
 }
 
 TEST(PairAssembler, MultiQueryWithOneQueryEqualsAssemble) {

@@ -385,6 +385,19 @@ def test_served_search_takes_fusion(col):
         assert r.status_code == 200, r.text
         assert [h["id"] for h in r.json()["hits"]] == want.ids()
         assert r.json()["hits"][0]["score"] == pytest.approx(want.hits[0].score, abs=1e-6)
+        # Every hit carries the score it was ranked by and both scores it was fused from.
+        assert (r.json()["fusion"], r.json()["fusion_weight"]) == ("linear", 0.2)
+        for got, h in zip(r.json()["hits"], want.hits):
+            assert got["reranked"] is True
+            assert got["fused_score"] == pytest.approx(h.score, abs=1e-6) == got["score"]
+            assert got["rerank_score"] == pytest.approx(h.rerank_score, abs=1e-5)
+            assert got["first_stage_score"] == pytest.approx(h.first_stage_score, abs=1e-6)
+        plain = c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 30, "fusion": "none"}).json()
+        assert plain["fusion"] == "none" and plain["fusion_weight"] is None
+        assert all(h["fused_score"] is None and h["rerank_score"] == h["score"] for h in plain["hits"])
+        first = c.post("/search", json={"query": "protein binding", "k": 5, "rerank": False}).json()
+        assert all(h["rerank_score"] is None and h["fused_score"] is None and not h["reranked"]
+                   and h["score"] == h["first_stage_score"] for h in first["hits"])
         bad = c.post("/search", json={"query": "x", "fusion": "rrf", "fusion_weight": 0.2})
         assert bad.status_code == 422 and "fusion_weight" in bad.json()["detail"]
         assert c.post("/search", json={"query": "x", "fusion": "linear", "fusion_weight": 2}).status_code == 422

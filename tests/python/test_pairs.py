@@ -118,8 +118,10 @@ def check_parity(
     batch_tokens: int | None = None,
     max_batch_size: int = 256,
     dtype: Any = np.int64,
+    side: str = "right",
 ) -> None:
-    """Our assembly of (query, docs) equals `ref.encode(query, doc)` under the same truncation."""
+    """Our assembly of (query, docs) equals `ref.encode(query, doc)` under the same truncation
+    (rule and side: ``"left"`` keeps the ends, tokenizers' ``direction="left"``)."""
     q = plain_ids(plain, query)
     d = [plain_ids(plain, t) for t in docs]
     batcher = PairBatcher(
@@ -129,8 +131,9 @@ def check_parity(
         batch_tokens=batch_tokens or max(max_length, 4 * max_length),
         max_batch_size=max_batch_size,
         dtype=dtype,
+        truncation_side=side,  # type: ignore[arg-type]
     )
-    ref.enable_truncation(max_length, strategy=strategy)
+    ref.enable_truncation(max_length, strategy=strategy, direction=side)
     room = max_length - template.n_special
     if len(q) > room:
         event("query over max_length" + (", a document too" if any(len(x) > room for x in d) else ""))
@@ -220,6 +223,7 @@ def word_level(post_processor: Any = None, *, with_pad: bool = True) -> Tokenize
     budget=st.integers(1, 4),
     max_batch_size=st.integers(1, 8),
     dtype=st.sampled_from([np.int64, np.int32]),
+    side=st.sampled_from(["right", "left"]),
 )
 def test_pair_encoding_matches_tokenizers(
     tokenizer_pair: tuple[Tokenizer, Tokenizer, PairTemplate],
@@ -228,6 +232,7 @@ def test_pair_encoding_matches_tokenizers(
     budget: int,
     max_batch_size: int,
     dtype: Any,
+    side: str,
 ) -> None:
     plain, ref, template = tokenizer_pair
     query, docs, max_length = case
@@ -242,18 +247,20 @@ def test_pair_encoding_matches_tokenizers(
         batch_tokens=budget * max_length,
         max_batch_size=max_batch_size,
         dtype=dtype,
+        side=side,
     )
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("max_length", MAX_LENGTHS)
 def test_adversarial_pairs_match_tokenizers(
-    tokenizer_pair: tuple[Tokenizer, Tokenizer, PairTemplate], strategy: Truncation, max_length: int
+    tokenizer_pair: tuple[Tokenizer, Tokenizer, PairTemplate], strategy: Truncation, max_length: int, side: str
 ) -> None:
     plain, ref, template = tokenizer_pair
     long_text = " ".join(WORDS * 4)  # far over every max_length
     for query in ["", " ", "日本語 🚀 e\u0301", long_text]:
-        check_parity(plain, ref, template, query, ADVERSARIAL + [long_text], max_length, strategy)
+        check_parity(plain, ref, template, query, ADVERSARIAL + [long_text], max_length, strategy, side=side)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -661,6 +668,37 @@ def test_assemble_multi_equals_per_query_assemble(strategy: Truncation) -> None:
             assert list(g_ids[:n]) == list(ids[:n]) and list(g_types[:n]) == list(types[:n])
             assert g_mask[:n].all() and not g_mask[n:].any()
             assert lengths[cands[j]] == alone.lengths[j] and truncated[cands[j]] == alone.truncated[j]
+
+
+def test_assemble_multi_keep_ends_per_pair_equals_each_side_alone() -> None:
+    """Pairs of both sides in one assembly: each row equals its row from a batcher of its side
+    (``truncation_side``), and per-pair sides override the batcher's both ways."""
+    rng = np.random.default_rng(14)
+    queries = [rng.integers(0, 30522, size=n) for n in (2, 40)]  # 40: the query itself is cut
+    docs = [rng.integers(0, 30522, size=int(n)) for n in rng.integers(0, 90, size=80)]
+    query_index = rng.integers(0, len(queries), size=len(docs))
+    ends = rng.random(len(docs)) < 0.5
+    kw: dict[str, Any] = {"max_length": 48, "batch_tokens": 300, "max_batch_size": 8}
+    alone = {}
+    for side in ("right", "left"):
+        b = PairBatcher(TEMPLATES["bert"], truncation_side=side, **kw)  # type: ignore[arg-type]
+        assert b.truncation_side == side
+        alone[side] = {i: tuple(np.array(x) for x in row) for i, row in rows_of(b.assemble_multi(
+            queries, query_index, docs)).items()}
+    assert any(not np.array_equal(alone["left"][i][0], alone["right"][i][0]) for i in range(len(docs)))
+    for side in ("right", "left"):
+        mixed = PairBatcher(TEMPLATES["bert"], truncation_side=side, **kw)  # type: ignore[arg-type]
+        for i, row in rows_of(mixed.assemble_multi(queries, query_index, docs, keep_ends=ends)).items():
+            want = alone["left" if ends[i] else "right"][i]
+            n = int(want[2].sum())
+            assert all(list(g[:n]) == list(w[:n]) for g, w in zip(row, want)), i
+    batcher = PairBatcher(TEMPLATES["bert"], **kw)
+    with pytest.raises(ValueError, match="keep_ends must have one entry per document"):
+        batcher.assemble_multi(queries, query_index, docs, keep_ends=ends[:-1])
+    with pytest.raises(ValueError, match="keep_ends must be a 1-D sequence of bools"):
+        batcher.assemble_multi(queries, query_index, docs, keep_ends=ends.astype(np.int64))
+    with pytest.raises(ValueError, match="truncation_side"):
+        PairBatcher(TEMPLATES["bert"], truncation_side="middle", **kw)  # type: ignore[arg-type]
 
 
 def test_assemble_multi_with_one_query_equals_assemble() -> None:

@@ -96,6 +96,46 @@ def test_byte_bound_lru_order_and_counted_evictions() -> None:
     assert cache.lookup(keys[15:25]).all_hit
 
 
+def test_holds_is_a_hint_that_counts_and_touches_nothing() -> None:
+    cache = ScoreCache(3 * ScoreCache(1).entry_bytes)
+    keys = pair_keys(FP, [ids(1)], None, [ids(2), ids(3), ids(4)])
+    cache.store(keys[:2], [[1.0], [2.0]])
+    assert cache.holds(keys).tolist() == [True, True, False]
+    assert (cache.stats().hits, cache.stats().misses) == (0, 0)
+    cache.store(keys[2:], [[3.0]])
+    cache.store(pair_keys(FP, [ids(9)], None, [ids(9)]), [[9.0]])  # evicts the oldest: holds() did not touch it
+    assert cache.holds(keys).tolist() == [False, True, True]
+
+
+def test_left_cut_pairs_are_keyed_apart_from_the_same_ids_cut_keeping_starts() -> None:
+    q, d = ids(1, 2), ids(3, 4, 5)
+    right = pair_keys(FP, [q], None, [d, d])
+    left = pair_keys(FP, [q], None, [d, d], keep_ends=[True, False])
+    assert left[1] == right[1] and left[0] != right[0]
+    assert pair_keys(FP + b"|truncation_side=left", [q], None, [d])[0] == left[0]
+
+
+def test_request_memory_is_bounded_and_reports_what_is_uncached() -> None:
+    from tailrank.serve.score_cache import RequestCache
+    from tailrank.serve.validate import RerankSpec
+
+    rc = RequestCache(ScoreCache(8 * 4096), FP)  # remembers 4 KiB of requests
+    spec = RerankSpec("q", ["a", "b"], True, False, None)
+    digest = RequestCache.request_digest(spec)
+    assert digest != RequestCache.request_digest(RerankSpec("q", ["a", "b"], True, True, None))  # the side
+    assert digest != RequestCache.request_digest(RerankSpec("q", ["ab"], True, False, None))  # the framing
+    assert rc.uncached(digest) is None  # never seen
+    keys = pair_keys(FP, [ids(1)], None, [ids(2), ids(3)])
+    found = rc.cache.lookup(keys)
+    rc.remember(digest, found)
+    assert rc.uncached(digest).tolist() == [0, 1]
+    rc.cache.store_misses(found, [[1.0], [2.0]])
+    assert rc.uncached(digest).tolist() == []
+    for i in range(40):  # 40 more requests of 2 pairs: the first is forgotten, the bound holds
+        rc.remember(bytes([i]) * 16, found)
+    assert rc.uncached(digest) is None and rc._requests_bytes <= rc.requests_capacity_bytes
+
+
 def test_zero_capacity_keeps_nothing() -> None:
     cache = ScoreCache(0, 2)
     keys = pair_keys(FP, [ids(1)], None, [ids(2), ids(3)])

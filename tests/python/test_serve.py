@@ -148,6 +148,38 @@ class Rounds:
         assert self.gate.wait(30)
 
 
+class Leaving:
+    """A raw ASGI POST of ``payload`` whose client disconnects when told to (after its body was
+    read); ``messages`` are what the app sent it."""
+
+    def __init__(self, app: Any, path: str, payload: dict[str, Any]) -> None:
+        self.leave = asyncio.Event()
+        self.messages: list[dict[str, Any]] = []
+        body = json.dumps(payload).encode()
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await self.leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            self.messages.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
+        self.call = asyncio.ensure_future(app(scope, receive, send))
+
+    async def disconnect(self) -> None:
+        """The client leaves; returns once the app has answered."""
+        self.leave.set()
+        await self.call
+
+
 def ranked(ce: CrossEncoder, query: str, docs: list[str]) -> list[tuple[int, float]]:
     return [(h["corpus_id"], h["score"]) for h in ce.rank(query, docs)]
 
@@ -210,6 +242,62 @@ def test_tei_truncation(ce: CrossEncoder) -> None:
         # Cohere's max_tokens_per_doc cuts documents before pairing.
         r = c.post("/rerank", json={"query": "q", "documents": docs, "max_tokens_per_doc": 3})
         assert r.json()["results"][0]["relevance_score"] == pytest.approx(ranked(ce, "q", ["cells cells cells"])[0][1], abs=1e-5)
+
+
+def test_left_truncation_is_the_cores_and_scores_as_the_pre_cut_pairs(ce: CrossEncoder) -> None:
+    """TEI's truncation_direction left, cut by the core's assembly: each score equals the library's
+    score of the pair pre-cut to its ends (as many tokens as the core's rule keeps, query and
+    document), while a right-truncated request of the same texts shares the round; repeats are
+    answered from the score cache with their own side's scores (the two sides are keyed apart)."""
+    rng = random.Random(14)
+    query = models.sample_text(rng, 40)  # long enough that the query is cut too
+    docs = [models.sample_text(rng, 120), models.sample_text(rng, 90), "short one", models.sample_text(rng, 70)]
+    rounds = Rounds()
+    app = create_app(ce, round_hook=rounds, max_batch_tokens=16 * ce.max_length)  # both requests fit one round
+    left_body = {"query": query, "texts": docs, "truncation_direction": "left", "raw_scores": True}
+    right_body = {"query": query, "texts": docs, "raw_scores": True}
+
+    async def go() -> tuple[Any, Any, Any, Any]:
+        async with async_client(app) as c:
+            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            # The next round forms while the held one runs: fill it, then both wait for the one after.
+            filler = asyncio.ensure_future(c.post("/rerank", json={"query": "fill", "texts": ["y"]}))
+            lane = app.state.tailrank.queue._lanes["rerank"]
+            await until(lambda: lane.slot is not None, "the filler's round assembled")
+            left = asyncio.ensure_future(c.post("/rerank", json=left_body))
+            right = asyncio.ensure_future(c.post("/rerank", json=right_body))
+            await until(lambda: queued_requests(app) == 4, "both requests queued behind the held one")
+            rounds.gate.set()
+            assert (await held).status_code == 200 and (await filler).status_code == 200
+            first = await left, await right
+            again = await c.post("/rerank", json=left_body), await c.post("/rerank", json=right_body)
+            return (*first, *again)
+
+    left, right, left2, right2 = asyncio.run(go())
+    assert rounds.sizes[:3] == [1, 1, 2]  # the left and the right request in one round
+    q = ce.tokenize([query])[0]
+    rules = ce.batcher()
+    want_left, want_right = [], []
+    for d in ce.tokenize(docs):
+        kq, kd = rules.truncate_lengths(q.size, d.size)
+        logits, _ = ce.score_tokens(q[q.size - kq :], [d[d.size - kd :]])
+        want_left.append(float(ce.scores_from_logits(logits, raw=True)[0]))
+        logits, _ = ce.score_tokens(q, [d])
+        want_right.append(float(ce.scores_from_logits(logits, raw=True)[0]))
+    assert rules.truncate_lengths(q.size, ce.tokenize([docs[0]])[0].size)[0] < q.size  # the query was cut
+
+    def by_index(r: Any) -> list[float]:
+        assert r.status_code == 200, r.text
+        return [x["score"] for x in sorted(r.json(), key=lambda x: x["index"])]
+
+    np.testing.assert_allclose(by_index(left), want_left, atol=1e-5)
+    np.testing.assert_allclose(by_index(right), want_right, atol=1e-5)
+    assert abs(want_left[0] - want_right[0]) > 1e-4  # the sides differ where pairs are cut
+    assert by_index(left2) == by_index(left) and by_index(right2) == by_index(right)
+    stats = app.state.tailrank.score_cache.cache.stats()
+    # The short pair fits: one key for both sides; every cut pair is keyed per side (+ hold, filler).
+    assert (stats.entries, stats.hits) == (2 * len(docs) - 1 + 2, 2 * len(docs))
 
 
 @contextlib.contextmanager
@@ -415,6 +503,48 @@ def test_overload_refuses_what_cannot_meet_its_deadline_and_serves_the_rest(ce: 
     assert 'tailrank_rejections_total{reason="deadline"} 7.0' in text
 
 
+def test_a_cached_request_is_never_refused_for_queue_time_it_would_not_use(ce: CrossEncoder) -> None:
+    """Counts, not times: the model is busy (a held round) and its speed pinned so that any
+    uncached request would miss its 60 s deadline. A repeat of a request whose pairs are all in
+    the score cache is answered 200 from it (no round runs, no refusal counted, one cache
+    admission); the same texts with one more document, and new texts, are refused 429."""
+    rounds = Rounds()
+    rounds.gate.set()
+    app = create_app(ce, default_deadline_ms=60_000, round_hook=rounds)
+    docs = texts(6, 30, words=20)
+    tokens, chars_per_token = request_tokens(ce, "memory", docs)
+    body = {"query": "memory", "texts": docs}
+
+    async def go() -> tuple[Any, ...]:
+        async with async_client(app) as c:
+            first = await c.post("/rerank", json=body)  # scored and cached
+            rounds.gate.clear()
+            rounds.entered.clear()
+            hold = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+            await asyncio.to_thread(rounds.entered.wait, 30)
+            pin_estimates(app, tokens_per_s=tokens / 120.0, chars_per_token=chars_per_token)
+            n_rounds = len(rounds.sizes)
+            new = await c.post("/rerank", json={"query": "memory", "texts": texts(7, 30, words=20)})
+            more = await c.post("/rerank", json={"query": "memory", "texts": [*docs, "one more document"]})
+            again = await c.post("/rerank", json=body)
+            rounds_during = len(rounds.sizes) - n_rounds
+            rounds.gate.set()
+            assert (await hold).status_code == 200
+            return first, new, more, again, rounds_during
+
+    first, new, more, again, rounds_during = asyncio.run(go())
+    for refused in (new, more):
+        assert refused.status_code == 429 and refused.json()["error_type"] == "deadline", refused.text
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json() and again.headers["X-Tailrank-Degraded"] == "false"
+    assert rounds_during == 0  # answered without compute while the model was held
+    metrics = app.state.tailrank.metrics
+    assert metrics.registry.get_sample_value("tailrank_rejections_total", {"reason": "deadline"}) == 2
+    assert metrics.registry.get_sample_value("tailrank_cache_admitted_total") == 1
+    stats = app.state.tailrank.score_cache.cache.stats()
+    assert stats.hits == len(docs)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
 def test_scoring_runs_idle_class_by_default_and_the_gil_switches_faster(ce: CrossEncoder) -> None:
     me = os.sched_getscheduler(0)
@@ -561,32 +691,12 @@ def test_disconnected_client_is_dropped_before_compute(ce: CrossEncoder) -> None
         async with async_client(app) as c:
             held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
             await asyncio.to_thread(rounds.entered.wait, 30)
-            leave = asyncio.Event()
-            body = json.dumps({"query": "gone away", "texts": ["a", "b"]}).encode()
-            sent = False
-            messages: list[dict[str, Any]] = []
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await leave.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                messages.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/rerank", "raw_path": b"/rerank", "query_string": b"",
-                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
-            call = asyncio.ensure_future(app(scope, receive, send))
+            gone = Leaving(app, "/rerank", {"query": "gone away", "texts": ["a", "b"]})
             await until(lambda: queued_requests(app) == 2, "the leaving request queued behind the held one")
-            leave.set()
-            await call
+            await gone.disconnect()
             rounds.gate.set()
             assert (await held).status_code == 200
-            assert messages[0]["status"] == 499
+            assert gone.messages[0]["status"] == 499
 
     asyncio.run(go())
     gone = tuple(ce.tokenize(["gone away"])[0].tolist())
@@ -695,31 +805,11 @@ def test_search_degrades_at_its_deadline_from_arrival_and_is_dropped_when_the_cl
             await asyncio.to_thread(rounds.entered.wait, 30)
             late = await c.post("/search", json={"query": "protein binding", "k": 5, "candidates": 20},
                                 headers={"X-Request-Timeout-Ms": "1500"})
-            leave = asyncio.Event()
-            body = json.dumps({"query": "gone away", "k": 3, "candidates": 10}).encode()
-            sent = False
-            messages: list[dict[str, Any]] = []
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await leave.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                messages.append(message)
-
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/search", "raw_path": b"/search", "query_string": b"",
-                     "headers": [(b"content-type", b"application/json")], "client": ("t", 1), "server": ("t", 80)}
-            call = asyncio.ensure_future(app(scope, receive, send))
+            gone = Leaving(app, "/search", {"query": "gone away", "k": 3, "candidates": 10})
             await until(lambda: queued_requests(app) == 2, "the search's pairs queued behind the held round")
-            leave.set()
-            await call
+            await gone.disconnect()
             rounds.gate.set()
-            return await held, late, messages
+            return await held, late, gone.messages
 
     held, late, messages = asyncio.run(go())
     assert held.status_code == 200

@@ -76,3 +76,16 @@ def test_openapi_schema_fuzz_no_5xx_and_responses_conform(ce: Any, collection: C
         asgi.shutdown_lifespans()  # stops this app's scheduler
     if mode != "no_key":  # the fuzzing reached the model, not only the validators
         assert 200 in seen["POST /rerank"] and 200 in seen["POST /search"], seen
+
+
+def test_search_response_schema_documents_every_score(ce: Any, collection: Collection) -> None:
+    """The OpenAPI schema of /search names the ranking score and the scores it came from, each
+    described and required (null where it does not apply), and the fusion the search used."""
+    schema = create_app(ce, collection=collection).openapi()["components"]["schemas"]
+    hit = schema["SearchHit"]
+    for name in ("score", "first_stage_score", "rerank_score", "fused_score"):
+        assert name in hit["required"] and hit["properties"][name]["description"], name
+        assert {"type": "null"} in hit["properties"][name]["anyOf"], name
+    response = schema["SearchResponse"]
+    assert {"hits", "degraded", "fusion", "fusion_weight", "timings"} <= set(response["required"])
+    assert response["properties"]["fusion"]["enum"] == ["none", "rrf", "linear"]

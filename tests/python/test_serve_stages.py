@@ -131,7 +131,7 @@ class Model:
     rounds: list[list[int]] = field(default_factory=list)
     assembled: list[list[int]] = field(default_factory=list)
 
-    def assemble(self, queries: list[Any], index: Any, docs: list[Any]) -> FakeAssembly:
+    def assemble(self, queries: list[Any], index: Any, docs: list[Any], *, keep_ends: Any = None) -> FakeAssembly:
         self.assembled.append([int(d[0]) for d in docs])
         return FakeAssembly(docs, sum(d.size for d in docs))
 
@@ -327,7 +327,14 @@ def test_tokenized_pairs_follow_the_cores_truncation_rule(ce: CrossEncoder) -> N
                             Limits(), auto_truncate=True)
     left = tokenize_pairs(ce, rules, left_spec, Limits())
     assert left.lengths.tolist() == right.lengths.tolist()
-    np.testing.assert_array_equal(left.docs[1], d[d.size - kd :])  # the ends, as many as the core keeps
+    # Whole documents travel; only the cut pair is marked, and the core's assembly keeps its ends:
+    # the same row as the pre-cut pair (the ends, as many as the core keeps) assembled as it is.
+    np.testing.assert_array_equal(left.docs[1], d)
+    assert right.keep_ends is None and left.keep_ends is not None and left.keep_ends.tolist() == [False, True]
+    got = rules.assemble_multi(left.queries, left.query_index[1:], left.docs[1:], keep_ends=left.keep_ends[1:])
+    got_ids = got.batches[0].input_ids.copy()
+    pre_cut = rules.assemble(q[q.size - kq :], [d[d.size - kd :]])
+    np.testing.assert_array_equal(got_ids, pre_cut.batches[0].input_ids)
     strict = rerank_spec(TeiRerankRequest(query="q", texts=[long_doc], truncate=False), Limits(), auto_truncate=True)
     with pytest.raises(LimitError, match="the model takes at most 64"):
         tokenize_pairs(ce, rules, strict, Limits())

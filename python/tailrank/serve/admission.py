@@ -113,8 +113,10 @@ class Admission:
                 f"the queue is full ({self.queued_pairs} pairs waiting, limit {self.max_queue_pairs}); retry later",
                 excess * per_pair / rate,
             )
-        wait = self._ahead_s(now)
-        start = max(lead_s, wait)  # its pairs start once both its tokenization and the work ahead are done
+        # Its pairs start once both its tokenization and the work ahead are done; a request
+        # with no pairs to score (all cached) waits for its tokenization only.
+        wait = self._ahead_s(now) if pairs else 0.0
+        start = max(lead_s, wait)
         finish = now + start + tokens / rate + ROUND_OVERHEAD_S
         # An idle server admits anything: a request too large for its deadline is then ranked in
         # part (degraded) rather than refused.

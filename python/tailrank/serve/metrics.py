@@ -71,6 +71,11 @@ class ServeMetrics:
             ["reason"],
             registry=r,
         )
+        self.cache_admitted = Counter(
+            "tailrank_cache_admitted_total",
+            "Requests that the full estimate would have refused, admitted on their pairs the score cache "
+            "does not hold", registry=r,
+        )
         self.degraded = Counter(
             "tailrank_degraded_total", "Responses that ran out of time and ranked only part of the documents",
             registry=r,

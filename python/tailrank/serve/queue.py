@@ -37,7 +37,7 @@ from .errors import BatchFailed, ServeError
 from .metrics import ServeMetrics
 from .validate import Pairs
 
-__all__ = ["Kind", "Job", "JobResult", "Round", "Queue", "make_job"]
+__all__ = ["Kind", "Assemble", "Job", "JobResult", "Round", "Queue", "make_job"]
 
 log = logging.getLogger("tailrank.serve")
 
@@ -72,6 +72,7 @@ class Job:
         self.query_index = pairs.query_index
         self.docs = pairs.docs
         self.lengths = pairs.lengths
+        self.keep_ends = pairs.keep_ends
         self.cum_tokens = np.concatenate(([0], np.cumsum(pairs.lengths))).astype(np.int64)
         self.deadline = deadline
         self.n = len(pairs.docs)
@@ -126,17 +127,21 @@ def _resolve(fut: asyncio.Future[JobResult], value: JobResult | BaseException) -
         fut.set_result(value)
 
 
+Assemble = Callable[..., Any]
+"""``(queries, query_index, docs, *, keep_ends) -> assembly``: ``PairBatcher.assemble_multi``."""
+
+
 @dataclass
 class _Lane:
     """One kind's queue state: its heap, its token budget, its assembler, its one-round slot."""
 
     budget: int
-    make_assembler: Callable[[], Callable[[list[Any], npt.NDArray[np.int64], list[Any]], Any]]
+    make_assembler: Callable[[], Assemble]
     heap: list[tuple[float, int, Job]] = field(default_factory=list)
     slot: Round | None = None
     forming: bool = False
     running: tuple[float, int] | None = None  # (start, tokens) of the round its executor runs
-    assemble: Callable[[list[Any], npt.NDArray[np.int64], list[Any]], Any] | None = None
+    assemble: Assemble | None = None
 
 
 class Queue:
@@ -160,9 +165,9 @@ class Queue:
         self._thread: threading.Thread | None = None
 
     def add_kind(self, kind: Kind, *, max_batch_tokens: int,
-                 make_assembler: Callable[[], Callable[[list[Any], npt.NDArray[np.int64], list[Any]], Any]]) -> None:
+                 make_assembler: Callable[[], Assemble]) -> None:
         """A model served by this queue: its token budget per round and a factory (called on the
-        batcher thread) of its assembly function ``(queries, query_index, docs) -> assembly``."""
+        batcher thread) of its assembly function (:data:`Assemble`)."""
         self._lanes[kind] = _Lane(int(max_batch_tokens), make_assembler)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -358,9 +363,14 @@ class Queue:
             index.append(job.query_index[a:b] + len(queries))
             queries.extend(job.queries)
             docs.extend(job.docs[a:b])
+        # Left-truncated pairs share the round; the core keeps their ends (None: every pair's starts).
+        keep_ends = None
+        if any(job.keep_ends is not None for job, _, _ in rnd.items):
+            keep_ends = np.concatenate([job.keep_ends[a:b] if job.keep_ends is not None else np.zeros(b - a, bool)
+                                        for job, a, b in rnd.items])
         assert lane.assemble is not None
         try:
-            rnd.assembly = lane.assemble(queries, np.concatenate(index), docs)
+            rnd.assembly = lane.assemble(queries, np.concatenate(index), docs, keep_ends=keep_ends)
         except Exception as e:  # noqa: BLE001 - bad pairs fail exactly this round's requests
             with self._cond:
                 lane.forming = False

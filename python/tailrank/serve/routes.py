@@ -4,10 +4,11 @@ the per-request pipeline they share: validate -> admit -> tokenize -> queue -> w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,10 @@ from .validate import Limits, Pairs, RerankSpec, deadline_s, rerank_spec, search
 __all__ = ["Reranker", "Server", "add_routes", "RERANK_PATHS"]
 
 RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
+
+# Bad input found below the routes; error_of maps each to its 4xx (or, for an unforeseen
+# TailrankError, a JSON 500 naming it).
+_BAD_INPUT = (ValueError, TypeError, TailrankError)
 
 _TIMEOUT_HEADER = Header(default=None, gt=0, le=MAX_DEADLINE_MS,
                          description="Deadline in milliseconds (overrides the body's deadline_ms)")
@@ -110,24 +115,31 @@ class Server:
             self.metrics.rejections.labels("limit").inc()
         return err
 
+    @contextlib.contextmanager
+    def refusing(self) -> Iterator[None]:
+        """Where bad input surfaces below the routes (validation, tokenizing, planning, the
+        first stage): its exception becomes its answer from the one table, counted."""
+        try:
+            yield
+        except _BAD_INPUT as e:
+            raise self.refuse(e) from None
+
     # -- the rerank pipeline ------------------------------------------------------------------
 
     async def rerank(self, request: Request, spec: RerankSpec, deadline: float) -> tuple[JobResult, float, int]:
         """Admits, tokenizes, queues and waits for one request's pairs; returns (result,
         tokenize seconds, tokens). Raises ServeError for refusals and failures."""
-        est = self.admission.estimate_tokens(len(spec.query), [len(t) for t in spec.texts],
-                                             int(self.model.max_length), self.n_special)
+        est = self._estimate(spec, range(len(spec.texts)))
         try:
             ticket = self.admission.before_tokenizing(est, len(spec.texts), spec.chars, deadline)
         except Rejected as e:
-            raise self.refuse(e) from None
+            ticket = self._admit_uncached(spec, e, deadline)
         t0 = time.perf_counter()
         pairs: Pairs | None = None
         try:
-            pairs, found = await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, partial(self._tokenize, spec))
-        except (ValueError, TypeError) as e:
-            raise self.refuse(e) from None
+            with self.refusing():
+                pairs, found = await asyncio.get_running_loop().run_in_executor(
+                    self.tokenize_pool, partial(self._tokenize, spec))
         finally:
             t_tok = time.perf_counter() - t0
             self.admission.tokenized(ticket, tokens=pairs.tokens if pairs is not None else 0,
@@ -139,6 +151,29 @@ class Server:
         if result.degraded:
             self.metrics.degraded.inc()
         return result, t_tok, pairs.tokens
+
+    def _estimate(self, spec: RerankSpec, which: Any) -> int:
+        """Estimated tokens of the request's pairs ``which`` (before tokenizing)."""
+        return self.admission.estimate_tokens(len(spec.query), [len(spec.texts[i]) for i in which],
+                                              int(self.model.max_length), self.n_special)
+
+    def _admit_uncached(self, spec: RerankSpec, refused: Rejected, deadline: float) -> Any:
+        """A request the full estimate refused for queue time or room: admitted on the pairs the
+        score cache does not hold (when a request with the same texts was seen), so that cached
+        pairs never cost it queue time they would not use. Raises the refusal otherwise."""
+        cache = self.score_cache
+        if cache is None or refused.reason not in ("deadline", "queue_full"):
+            raise self.refuse(refused) from None
+        miss = cache.uncached(RequestCache.request_digest(spec))
+        if miss is None or miss.size == len(spec.texts):
+            raise self.refuse(refused) from None
+        try:
+            ticket = self.admission.before_tokenizing(self._estimate(spec, miss.tolist()), int(miss.size),
+                                                      spec.chars, deadline)
+        except Rejected as e:
+            raise self.refuse(e) from None
+        self.metrics.cache_admitted.inc()
+        return ticket
 
     # -- the search pipeline ------------------------------------------------------------------
 
@@ -203,10 +238,9 @@ class Server:
                                        f"(limit {limits.max_pending_searches}); retry later", 1.0))
         self.pending_searches += 1
         try:
-            call = partial(self.collection.first_stage, plan, vec, rr_tok)
-            return await asyncio.get_running_loop().run_in_executor(self.search_pool, call)
-        except (ValueError, TypeError) as e:
-            raise self.refuse(e) from None
+            with self.refusing():
+                call = partial(self.collection.first_stage, plan, vec, rr_tok)
+                return await asyncio.get_running_loop().run_in_executor(self.search_pool, call)
         finally:
             self.pending_searches -= 1
 
@@ -214,13 +248,17 @@ class Server:
         """On the tokenizing thread: the request's pairs, and the score cache's hits among them
         (hashing there, not on the loop)."""
         pairs = tokenize_pairs(self.model, self.rules, spec, self.limits)
-        return pairs, self.lookup(pairs)
+        found = self.lookup(pairs)
+        if found is not None:
+            assert self.score_cache is not None
+            self.score_cache.remember(RequestCache.request_digest(spec), found)
+        return pairs, found
 
     def lookup(self, pairs: Pairs) -> CacheLookup | None:
         """Where a request's pairs become a scoring job: the score cache's hits (None: no cache)."""
         if self.score_cache is None:
             return None
-        return self.score_cache.lookup(pairs.queries, pairs.query_index, pairs.docs)
+        return self.score_cache.lookup(pairs)
 
     async def score_pairs(self, pairs: Pairs, found: CacheLookup | None, deadline: float, request: Request,
                           *, degrade_on_refusal: bool = False) -> JobResult:
@@ -231,10 +269,7 @@ class Server:
         if found is not None and found.all_hit:  # every pair cached: nothing to queue
             assert cache is not None
             return cache.finish(found, None)
-        job_pairs = pairs
-        if found is not None:
-            m = RequestCache.misses(found, pairs.query_index, pairs.docs, pairs.lengths)
-            job_pairs = Pairs(pairs.queries, m.query_index, m.docs, m.lengths)
+        job_pairs = pairs if found is None else RequestCache.misses(found, pairs)
         job = make_job("rerank", job_pairs, deadline, int(self.model.n_labels))
         try:
             fut = self.queue.submit(job, asyncio.get_running_loop())
@@ -333,10 +368,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     ) -> Response:
         t0 = arrival_of(request.scope)
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
-        try:
+        with server.refusing():
             spec = rerank_spec(body, server.limits, auto_truncate=server.auto_truncate)
-        except (ValueError, TypeError) as e:
-            raise server.refuse(e) from None
         result, t_tok, tokens = None, 0.0, 0
         if spec.texts:
             result, t_tok, tokens = await server.rerank(request, spec, deadline)
@@ -366,15 +399,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
         if server.collection is None or server.search_pool is None:
             raise ServeError(404, "no collection is served (start with --collection DIR)", "not_found")
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
-        try:
+        with server.refusing():
             spec = search_spec(body, server.limits)
-        except (ValueError, TypeError) as e:
-            raise server.refuse(e) from None
-        try:
             plan = server.collection.plan_search(spec.query, k=spec.k, candidates=spec.candidates,
                                                  filter=spec.filter, rerank=spec.rerank, **spec.options)
-        except (ValueError, TypeError, TailrankError) as e:
-            raise server.refuse(e) from None
         res = await server.search(request, plan, deadline, t0)
         return _search_response(server, res, t0)
 
@@ -448,13 +476,19 @@ def _tei_body(model: Reranker, body: TeiRerankRequest, spec: RerankSpec, result:
     return ranks
 
 
+def _search_hit(h: Any, fused: bool) -> dict[str, Any]:
+    """One hit as ``SearchHit``: the ranking score and each of the scores it came from."""
+    reranked = bool(h.reranked)
+    rerank = _finite(h.rerank_score) if reranked and h.rerank_score is not None else None
+    return {"id": h.id if isinstance(h.id, (int, str)) else int(h.id), "score": _finite(h.score),
+            "first_stage_score": _finite(h.first_stage_score), "rerank_score": rerank,
+            "fused_score": _finite(h.score) if fused and reranked else None, "text": h.text,
+            "metadata": h.metadata, "truncated": bool(h.truncated), "reranked": reranked}
+
+
 def _search_response(server: Server, res: Any, t0: float) -> Response:
-    hits = [
-        {"id": h.id if isinstance(h.id, (int, str)) else int(h.id), "score": _finite(h.score),
-         "first_stage_score": _finite(h.first_stage_score), "text": h.text, "metadata": h.metadata,
-         "truncated": bool(h.truncated), "reranked": bool(getattr(h, "reranked", True))}
-        for h in res.hits
-    ]
+    fusion = str(res.fusion)
+    hits = [_search_hit(h, fusion != "none") for h in res.hits]
     timings = {k: float(v) for k, v in dict(res.timings).items()}
     headers = {f"X-{k.replace('_', '-').title()}-Time": f"{v:.3f}" for k, v in timings.items()}
     headers.setdefault("X-Total-Time", _ms(time.monotonic() - t0))
@@ -463,4 +497,6 @@ def _search_response(server: Server, res: Any, t0: float) -> Response:
         server.metrics.search_stage_seconds.labels(stage).observe(v / 1000.0)
     if res.degraded:
         server.metrics.degraded.inc()
-    return JSONResponse({"hits": hits, "degraded": bool(res.degraded), "timings": timings}, headers=headers)
+    weight = None if res.fusion_weight is None else float(res.fusion_weight)
+    return JSONResponse({"hits": hits, "degraded": bool(res.degraded), "fusion": fusion, "fusion_weight": weight,
+                         "timings": timings}, headers=headers)

@@ -153,8 +153,14 @@ RerankResponse = Union[CohereRerankResponse, list[TeiRank]]
 
 class SearchHit(BaseModel):
     id: int | str
-    score: float | None
-    first_stage_score: float | None
+    score: float | None = Field(description="What the hit was ranked by: fused_score when the search fused, "
+                                "else rerank_score when reranked, else first_stage_score.")
+    first_stage_score: float | None = Field(description="The first stage's score (ANN similarity; squared "
+                                            "distance for an l2 collection).")
+    rerank_score: float | None = Field(description="The reranker's score; null when the hit was not reranked "
+                                       "(rerank false, or the deadline came first).")
+    fused_score: float | None = Field(description="The fused score of first stage and reranker (see the "
+                                      "response's fusion); null without fusion or when not reranked.")
     text: str
     metadata: dict[str, Any]
     truncated: bool
@@ -164,6 +170,8 @@ class SearchHit(BaseModel):
 class SearchResponse(BaseModel):
     hits: list[SearchHit]
     degraded: bool
+    fusion: Literal["none", "rrf", "linear"] = Field(description="How reranked hits were ranked.")
+    fusion_weight: float | None = Field(description="The reranker's weight of a linear fusion, else null.")
     timings: dict[str, float]
 
 

@@ -107,12 +107,14 @@ def rerank_spec(body: CohereRerankRequest | TeiRerankRequest, limits: Limits, *,
 @dataclass
 class Pairs:
     """A request's pairs as token ids: pair i is (queries[query_index[i]], docs[i]); ``lengths``
-    are its tokens after the core's truncation, special tokens included."""
+    are its tokens after the core's truncation, special tokens included; ``keep_ends`` (None: no
+    pair) marks the cut pairs that keep their ends (left truncation, done by the core's assembly)."""
 
     queries: list[npt.NDArray[np.int32]]
     query_index: npt.NDArray[np.int64]
     docs: list[npt.NDArray[np.int32]]
     lengths: npt.NDArray[np.int64]
+    keep_ends: npt.NDArray[np.bool_] | None = None
 
     @property
     def tokens(self) -> int:
@@ -121,7 +123,7 @@ class Pairs:
 
 def tokenize_pairs(model: Any, rules: Any, spec: RerankSpec, limits: Limits) -> Pairs:
     """Tokenizes a request's pairs (on a worker thread). ``rules`` is a PairBatcher of the model:
-    its template and truncation rule (``truncate_lengths``), thread-safe."""
+    its template and truncation rule, thread-safe."""
     (q,) = model.tokenize([spec.query])
     # Left truncation keeps the ends, which the token cache (that keeps starts) cannot give.
     docs = model.tokenize(spec.texts) if spec.left else model.document_tokens(spec.texts, q.size)
@@ -135,33 +137,13 @@ def tokenize_pairs(model: Any, rules: Any, spec: RerankSpec, limits: Limits) -> 
         i = int(np.argmax(over))
         raise LimitError(f"document {i} with the query is {int(raw[i]) + n_special} tokens; the model takes at "
                          f"most {model.max_length} (send truncate: true)")
-    queries = [q]
-    query_index = np.zeros(len(docs), dtype=np.int64)
-    if spec.left and over.any():
-        _keep_ends(rules, q, docs, np.flatnonzero(over), queries, query_index)
-    pairs = Pairs(queries, query_index, docs, np.minimum(raw, body) + n_special)
+    # Only cut pairs are marked: a pair that fits is the same whichever side truncation keeps.
+    keep_ends = over if spec.left and over.any() else None
+    pairs = Pairs([q], np.zeros(len(docs), dtype=np.int64), docs, np.minimum(raw, body) + n_special, keep_ends)
     if pairs.tokens > limits.max_request_tokens:
         raise LimitError(f"the request is {pairs.tokens} tokens after truncation; the limit is "
                          f"{limits.max_request_tokens} (--max-request-tokens)")
     return pairs
-
-
-def _keep_ends(rules: Any, q: npt.NDArray[np.int32], docs: list[npt.NDArray[np.int32]],
-               over: npt.NDArray[np.int64], queries: list[npt.NDArray[np.int32]],
-               query_index: npt.NDArray[np.int64]) -> None:
-    """TEI's ``truncation_direction: left``: how many tokens of each side stay is the core's rule
-    (``truncate_lengths``, as its assembly applies it); the ones kept are the ends instead of the
-    starts. The cut pairs then fit, so the assembly cuts nothing more. (The core's assembler keeps
-    starts only; a side option there would remove this cut.) A long query may keep different
-    lengths per pair: one query variant per kept length."""
-    variants: dict[int, int] = {q.size: 0}
-    for i in over.tolist():
-        kq, kd = rules.truncate_lengths(q.size, int(docs[i].size))
-        if kq not in variants:
-            variants[kq] = len(queries)
-            queries.append(q[q.size - kq :])
-        query_index[i] = variants[kq]
-        docs[i] = docs[i][docs[i].size - kd :]
 
 
 @dataclass(frozen=True)
