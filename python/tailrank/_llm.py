@@ -148,7 +148,8 @@ class LlmScorer:
             raise ModelError(f"ONNX Runtime failed on the prompt prefix ({before.shape[1]} tokens): {e}") from e
         feeds: dict[str, Any] = dict(zip(self.past_names, presents))
         rest = prompt.room + prompt.suffix.size
-        batcher = self.batcher(prompt.suffix, max(rest, 1), max(batch_tokens, rest), max_batch_size)
+        # One spare position: the core wants room for text beyond the suffix even when the room is 0.
+        batcher = self.batcher(prompt.suffix, rest + 1, max(batch_tokens, rest + 1), max_batch_size)
         assembly = batcher.assemble(_EMPTY, list(docs))
         computed = before.shape[1]
         for batch in assembly.batches:
