@@ -184,8 +184,9 @@ def _check_format(text: Any, key: str, where: str, corrupt: bool) -> str:
         raise _fail(where, f"{key!r} is longer than {_MAX_TEXT} characters", corrupt)
     allowed = _SLOTS.get(key, {"instruction"})
     try:
-        fields = [f for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
-        for _, f, spec, conv in string.Formatter().parse(text):
+        parsed = list(string.Formatter().parse(text))
+        fields = [f for _, f, _, _ in parsed if f is not None]
+        for _, f, spec, conv in parsed:
             if f is not None and (spec or conv):
                 raise ValueError(f"slot {{{f}}} may not have a format spec or conversion")
     except ValueError as e:
@@ -251,9 +252,10 @@ def template_from_json(obj: Any, where: str, *, corrupt: bool) -> RerankTemplate
     if not isinstance(name, str) or len(name) > 200:
         raise _fail(where, "'name' must be a short string", corrupt)
     return RerankTemplate(
-        name=name, **texts, yes=yes, no=no if score == "sigmoid" else (no if isinstance(no, str) else None),
-        score=score, joined=joined, instruction=inst, default_instruction=default,
-        query_share=None if share is None else float(share), max_length=max_length, **ids,
+        name=name, prefix=texts["prefix"], query=texts["query"], middle=texts["middle"], document=texts["document"],
+        suffix=texts["suffix"], yes=yes, no=no, score=score, joined=joined, instruction=inst,
+        default_instruction=default, query_share=None if share is None else float(share), max_length=max_length,
+        yes_id=ids["yes_id"], no_id=ids["no_id"],
     )
 
 

@@ -28,15 +28,15 @@ GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 FAMILIES = {"qwen3": "qwen3", "qwen2": "mxbai-v2", "gemma": "bge-gemma"}
 
 
-def _training_text(template_name: str, n: int = 600) -> list[str]:
+def _training_text(template_name: str, n: int = 600, texts: list[str] | None = None) -> list[str]:
     t = BUILTIN_TEMPLATES[template_name]
     pieces = [t.prefix, t.query, t.middle, t.document, t.suffix, t.default_instruction or "", t.instruction]
     lines = [p.replace("{instruction}", "").replace("{query}", "").replace("{document}", "") for p in pieces]
     answers = ["yes no yes no Yes No", "1 0 1 0", "Yes\nNo\nyes\nno"] * 20
-    return models.corpus(seed=3, n=n) + lines * 5 + answers + [f"{a}" for a in ("yes", "no", "Yes", "No", "1", "0")] * 30
+    return (models.corpus(seed=3, n=n) if texts is None else texts) + lines * 5 + answers + [f"{a}" for a in ("yes", "no", "Yes", "No", "1", "0")] * 30
 
 
-def qwen_tokenizer(template_name: str, vocab_size: int = 900) -> Any:
+def qwen_tokenizer(template_name: str, vocab_size: int = 900, texts: list[str] | None = None) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models as tmodels, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(tmodels.BPE(unk_token=None, byte_fallback=False))
@@ -48,7 +48,7 @@ def qwen_tokenizer(template_name: str, vocab_size: int = 900) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_training_text(template_name), trainer=trainer)
+    tok.train_from_iterator(_training_text(template_name, texts=texts), trainer=trainer)
     tok.add_tokens(QWEN_ADDED)
     return tok
 
@@ -65,11 +65,11 @@ def gemma_tokenizer(vocab_size: int = 900) -> Any:
     return tok
 
 
-def _config(family: str, vocab_size: int, hidden: int, layers: int) -> Any:
+def _config(family: str, vocab_size: int, hidden: int, layers: int, positions: int = 1024) -> Any:
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions)
     if family == "qwen3":
         return tf.Qwen3Config(**common, head_dim=hidden // 4, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
     if family == "qwen2":
@@ -79,7 +79,7 @@ def _config(family: str, vocab_size: int, hidden: int, layers: int) -> Any:
 
 
 def build_llm_checkpoint(family: str, out_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                         tokenizer: Any = None) -> Path:
+                         tokenizer: Any = None, positions: int = 1024, weight_std: float = 0.08) -> Path:
     """A seeded causal-LM checkpoint of ``family`` with its trained tokenizer, in ``out_dir``."""
     import torch
     import transformers as tf
@@ -95,12 +95,12 @@ def build_llm_checkpoint(family: str, out_dir: Path, *, seed: int = 0, hidden: i
         hf_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                             pad_token="<|endoftext|>", padding_side="left", model_max_length=131072)
     torch.manual_seed(seed)
-    cfg = _config(family, tokenizer.get_vocab_size(with_added_tokens=True), hidden, layers)
+    cfg = _config(family, tokenizer.get_vocab_size(with_added_tokens=True), hidden, layers, positions)
     model = getattr(tf, cfg.architectures[0])(cfg).eval()
     with torch.no_grad():  # larger random weights than the initializer's, so scores spread out
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, weight_std)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     hf_tok.save_pretrained(out_dir)
