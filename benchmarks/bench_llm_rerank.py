@@ -150,6 +150,7 @@ def main() -> None:
         systems["sentence-transformers"] = lambda q, d, i=None: st.predict([(q, x) for x in d], batch_size=CARD_BATCH)
         tokens["sentence-transformers"] = lambda: -1
 
+    print(f"systems: {list(systems)}; sentence-transformers {st_note}", file=sys.stderr, flush=True)
     load_before = uptime()
     # Fidelity on the first request (and the model-card tokens equal tailrank's by the tests).
     check = {n: np.asarray(f(queries[0], doc_sets[0]), dtype=np.float64) for n, f in systems.items()}
@@ -165,6 +166,7 @@ def main() -> None:
             systems[n](queries[r + 2], doc_sets[r + 2])
             times[n].append(time.perf_counter() - t0)
             toks[n].append(tokens[n]())
+        print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), file=sys.stderr, flush=True)
     rows = []
     for n in names:
         ms = np.asarray(times[n]) * 1e3
@@ -183,7 +185,7 @@ def main() -> None:
         q, d = queries[2], doc_sets[2]
         n_before = reuse._prompts.prompt(q, inst).before.size
         t = {"reuse": [], "full": []}
-        for _ in range(max(3, args.reps // 3)):
+        for _ in range(3):
             for key, ce in (("reuse", reuse), ("full", full)):
                 t0 = time.perf_counter()
                 ce.predict([(q, x) for x in d], instruction=inst)

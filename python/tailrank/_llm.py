@@ -116,9 +116,6 @@ class LlmScorer:
             raise CorruptFileError(f"{onnx_dir}: the graphs carry {len(past) // 2} layers' cache; config.json says {n_layers}")
         self.past_names = past
         self._local = threading.local()
-        #: Tokens run through the model by the last call on this thread (a counter for tests
-        #: and benchmarks): the prefix once plus the padded document+suffix rows.
-        self.tokens_computed = 0
 
     def batcher(self, suffix: npt.NDArray[np.int32], max_length: int, batch_tokens: int,
                 max_batch_size: int) -> PairBatcher:
@@ -138,9 +135,10 @@ class LlmScorer:
         return b
 
     def run(self, prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]], out: npt.NDArray[np.float32], *,
-            batch_tokens: int, max_batch_size: int) -> None:
+            batch_tokens: int, max_batch_size: int) -> int:
         """Logits [len(docs), 1] into ``out``: the prefix once, then each batch of documents
-        (already cut to ``prompt.room``) with the suffix, over the prefix's cache."""
+        (already cut to ``prompt.room``) with the suffix, over the prefix's cache. Returns the
+        tokens run through the model: the prefix once plus the padded document+suffix rows."""
         before = prompt.before.astype(np.int64)[None, :]
         try:
             presents = self.prefix_session.run(None, {"input_ids": before})
@@ -161,7 +159,7 @@ class LlmScorer:
                 raise ModelError(f"ONNX Runtime failed on a batch of shape {batch.input_ids.shape}: {e}") from e
             out[batch.rows] = got
             computed += batch.input_ids.size
-        self.tokens_computed = computed
+        return computed
 
 
 def cut_documents(prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]]

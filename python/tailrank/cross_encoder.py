@@ -390,8 +390,7 @@ class CrossEncoder:
             out = logits[start : start + len(kept)]
             if reuse:
                 assert self._llm is not None
-                self._llm.run(prompt, kept, out, batch_tokens=self.batch_tokens, max_batch_size=max_rows)
-                computed += self._llm.tokens_computed
+                computed += self._llm.run(prompt, kept, out, batch_tokens=self.batch_tokens, max_batch_size=max_rows)
             else:
                 worker = self._worker()
                 worker.batcher(self, max_rows)  # sizes the worker's output buffer for these rows

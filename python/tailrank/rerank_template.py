@@ -239,6 +239,8 @@ def template_from_json(obj: Any, where: str, *, corrupt: bool) -> RerankTemplate
     share = obj.get("query_share")
     if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
         raise _fail(where, "'query_share' must be a number in (0, 1] or null", corrupt)
+    if share is not None and joined:
+        raise _fail(where, "'query_share' needs a query tokenized alone ('joined' false)", corrupt)
     max_length = obj.get("max_length")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or not 0 < max_length <= 1 << 20):
         raise _fail(where, "'max_length' must be a positive integer or null", corrupt)
