@@ -26,6 +26,10 @@ _SPECIAL, _SEQ_A, _SEQ_B = 0, 1, 2
 _EMPTY = np.zeros(0, dtype=np.int32)
 _MAX_KEPT = 8  # per-request token ids (by instruction) and batchers (by template) kept per thread
 
+# Document starts that a byte-level or SentencePiece tokenizer may merge with what precedes them.
+_BOUNDARY_PROBES = ("word", "Word", " space", "  two", "\nline", "\tab", "(paren", ":colon", "'s", "42", "e\u0301",
+                    "\u0301", "日本", "🙂", "", "-dash", ".")
+
 Encode = Callable[[Sequence[str]], list[npt.NDArray[np.int32]]]
 
 
@@ -97,6 +101,21 @@ class LlmPrompts:
 
     def document(self, text: str) -> str:
         return self.template.document_text(text)
+
+    def boundary_mismatches(self) -> list[str]:
+        """For a ``joined`` template, the probe documents whose prompt ids differ from the
+        one-string body's (head and document segment tokenized apart must give the body's ids:
+        the slot must start at a pre-tokenizer boundary). Empty when the split is exact."""
+        if not self.template.joined:
+            return []
+        _, q, mid, _ = self.template.texts("q", None)
+        head = self._ids(q + mid).tolist()
+        bad = []
+        for doc in _BOUNDARY_PROBES:
+            seg = self.template.document_text(doc)
+            if head + self._ids(seg).tolist() != self._ids(q + mid + seg).tolist():
+                bad.append(doc)
+        return bad
 
 
 class LlmScorer:

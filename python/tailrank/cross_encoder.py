@@ -223,6 +223,15 @@ class CrossEncoder:
             limit = position_limit(config)
             self.max_length = resolve_max_length(max_length, default, limit, 0)
             self._prompts = LlmPrompts(self.rerank_template, self._encode, self.max_length)
+            bad = self._prompts.boundary_mismatches()
+            if bad:
+                # Prompts (and DocStore ids) would differ from the model card's one-string body.
+                raise ModelError(
+                    f"{TEMPLATE_FILE}: with this tokenizer the document segment does not start at a token "
+                    f"boundary of the joined query/document body (e.g. documents starting {bad[0]!r}); move the "
+                    "text before the slot so that it ends at a boundary (the built-in qwen3 ends it at ':' and "
+                    "starts the document segment with its space)"
+                )
             p = self._prompts.prompt("", None)
             # The full-prompt graph's template for the default instruction (probe, warm-up).
             self._template = _llm_pair_template(p.prefix, p.suffix, self._tokenizer)

@@ -356,3 +356,15 @@ def test_an_encoder_cross_encoder_refuses_an_instruction(tmp_path_factory):
         ce.rank("q", ["d"], instruction="find it")
     with pytest.raises(ValueError, match="LLM rerankers"):
         ce.prompt_ids("q", "d")
+
+
+def test_a_joined_template_whose_slot_splits_a_token_is_refused(qwen3, tmp_path):
+    """Detection: a template ending the head with the space that the tokenizer glues to the next
+    word ("<Document>: " + "{document}") cannot reproduce the one-string body; loading says so."""
+    _, out = qwen3
+    bad = tmp_path / "m"
+    shutil.copytree(out, bad)
+    t = json.loads((bad / "rerank_template.json").read_text())
+    (bad / "rerank_template.json").write_text(json.dumps({**t, "middle": "\n<Document>: ", "document": "{document}"}))
+    with pytest.raises(ModelError, match="token boundary"):
+        CrossEncoder(bad, threads=1, max_length=MAX_LENGTH)
