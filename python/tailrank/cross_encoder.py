@@ -426,6 +426,17 @@ class CrossEncoder:
                 kept.popitem(last=False)
         return b
 
+    def score_prompts(
+        self, query: str, documents: Sequence[npt.NDArray[np.int32]], *, instruction: str | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """LLM rerankers: logits [n, 1] and truncation flags of one query against documents' ids
+        (from :meth:`tokenize_documents`, e.g. a DocStore's), with prefix reuse when on."""
+        if self.kind != "llm":
+            raise ValueError("score_prompts is for LLM rerankers; use score_tokens")
+        self._check_instruction(instruction)
+        check_text(query, "query")
+        return self._llm_tokens(query, instruction, list(documents), self.max_batch_size)
+
     def prompt_ids(self, query: str, document: str, *, instruction: str | None = None) -> npt.NDArray[np.int32]:
         """LLM rerankers: the token ids of one (query, document) prompt as scored (cut to
         max_length), e.g. to compare a template with a model card's own code."""

@@ -368,3 +368,26 @@ def test_a_joined_template_whose_slot_splits_a_token_is_refused(qwen3, tmp_path)
     (bad / "rerank_template.json").write_text(json.dumps({**t, "middle": "\n<Document>: ", "document": "{document}"}))
     with pytest.raises(ModelError, match="token boundary"):
         CrossEncoder(bad, threads=1, max_length=MAX_LENGTH)
+
+
+def test_collection_search_reranks_with_an_llm_reranker_and_an_instruction(qwen3, tmp_path, tmp_path_factory):
+    from tailrank import Collection, Embedder
+
+    _, out = qwen3
+    emb = Embedder(models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1], threads=1)
+    ce = CrossEncoder(out, threads=1, max_length=MAX_LENGTH)
+    docs = [d for _, d in _pairs(10)]
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=ce)
+    ids = col.add(docs)
+    q, inst = "insulin regulates glucose", "Find the passage about hormones"
+    for instruction in (None, inst):
+        res = col.search(q, k=len(docs), candidates=len(docs), instruction=instruction)
+        want = {ids[r["corpus_id"]]: r["score"] for r in ce.rank(q, docs, instruction=instruction)}
+        got = {h.id: h.rerank_score for h in res.hits}
+        assert set(got) == set(want)
+        for i, score in got.items():
+            assert abs(score - want[i]) <= ATOL
+    with pytest.raises(ValueError, match="deadline_ms"):
+        col.search(q, deadline_ms=1000)
+    with pytest.raises(ValueError, match="instruction"):
+        col.search(q, rerank=False, instruction=inst)
