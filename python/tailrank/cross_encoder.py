@@ -722,8 +722,8 @@ class CrossEncoder:
         # The schedulers batch (query, document) token pairs of an encoder's template; an LLM
         # prompt needs its prefix/suffix per request, which they do not carry yet.
         if self.kind == "llm":
-            raise ModelError(f"{what}: the batch schedulers (server, Collection) do not run LLM rerankers yet; "
-                             "use predict, rank or rank_ids")
+            raise ModelError(f"{what}: the pair batch schedulers do not run LLM rerankers; "
+                             "use predict, rank, rank_ids or score_prompts")
 
     def __repr__(self) -> str:
         return (

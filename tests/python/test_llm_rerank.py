@@ -391,3 +391,11 @@ def test_collection_search_reranks_with_an_llm_reranker_and_an_instruction(qwen3
         col.search(q, deadline_ms=1000)
     with pytest.raises(ValueError, match="instruction"):
         col.search(q, rerank=False, instruction=inst)
+
+
+def test_the_server_refuses_an_llm_reranker_at_start(qwen3):
+    from tailrank.serve import create_app
+
+    ce = CrossEncoder(qwen3[1], threads=1, max_length=MAX_LENGTH)
+    with pytest.raises(ModelError, match="does not serve LLM rerankers"):
+        create_app(ce)
