@@ -399,3 +399,11 @@ def test_the_server_refuses_an_llm_reranker_at_start(qwen3):
     ce = CrossEncoder(qwen3[1], threads=1, max_length=MAX_LENGTH)
     with pytest.raises(ModelError, match="does not serve LLM rerankers"):
         create_app(ce)
+
+
+def test_optimize_refuses_an_llm_reranker(qwen3, tmp_path):
+    from tailrank.optimize import optimize
+
+    with pytest.raises(ModelError, match="LLM reranker"):
+        optimize(qwen3[1], tmp_path / "opt")
+    assert not (tmp_path / "opt").exists()
