@@ -145,10 +145,9 @@ def qwen3_reference(hf_dir: Path, pairs: list[tuple[str, str]], *, instruction: 
         return torch.nn.functional.log_softmax(two.double(), dim=1)[:, 1].exp().tolist()
 
 
-def qwen3_reference_ids(hf_dir: Path, query: str, doc: str, *, instruction: str | None = None,
+def qwen3_reference_ids(tok: Any, query: str, doc: str, *, instruction: str | None = None,
                         max_length: int = 8192) -> list[int]:
-    """The ids the Qwen3 model card feeds for one pair (unpadded)."""
-    tok, _ = _load(hf_dir)
+    """The ids the Qwen3 model card feeds for one pair (unpadded), with its loaded tokenizer."""
     t = BUILTIN_TEMPLATES["qwen3"]
     pre = tok.encode(t.prefix, add_special_tokens=False)
     suf = tok.encode(t.suffix, add_special_tokens=False)

@@ -127,13 +127,7 @@ def qwen3_tok(qwen3):
 
 
 def _card_ids(tok, query, doc, instruction=None, max_length=8192):
-    t = BUILTIN_TEMPLATES["qwen3"]
-    pre = tok.encode(t.prefix, add_special_tokens=False)
-    suf = tok.encode(t.suffix, add_special_tokens=False)
-    inst = instruction if instruction is not None else t.default_instruction
-    body = tok(f"<Instruct>: {inst}\n<Query>: {query}\n<Document>: {doc}", truncation="longest_first",
-               max_length=max_length - len(pre) - len(suf))["input_ids"]
-    return pre + body + suf
+    return llm_models.qwen3_reference_ids(tok, query, doc, instruction=instruction, max_length=max_length)
 
 
 def test_prompt_ids_equal_the_model_card_and_the_docstore_slot(qwen3, qwen3_tok):
