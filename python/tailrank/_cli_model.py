@@ -14,6 +14,8 @@ def add_parser(sub: Any) -> None:
     e.add_argument("out_dir", help="model directory to create (onnx/model.onnx + tokenizer and config files)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     e.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    e.add_argument("--rerank-template", metavar="NAME|FILE", default=None,
+                   help="for a causal-LM (LLM) reranker: qwen3, mxbai-v2, bge-gemma or a template JSON file")
 
     o = sub.add_parser("optimize", help="ONNX Runtime fusions and a lower precision, with a fidelity check")
     o.add_argument("model_dir", help="model directory made by `tailrank export`")
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .export import export
 
-        out = export(args.hf_model_dir, args.out_dir, opset=args.opset, force=args.force)
+        out = export(args.hf_model_dir, args.out_dir, opset=args.opset, force=args.force,
+                     rerank_template=args.rerank_template)
         print(f"exported {args.hf_model_dir} -> {out}")
         return 0
     from .optimize import FidelityError, Precision, optimize

@@ -33,8 +33,10 @@ from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_lengt
 from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
 from ._validate import as_token_ids, check_text, positive_int
 from .docstore import DocStore
-from .errors import ModelError
+from ._llm import LlmPrompts, LlmScorer, cut_documents
+from .errors import CorruptFileError, ModelError
 from .pairs import Assembly, PairBatcher, PairTemplate
+from .rerank_template import TEMPLATE_FILE, RerankTemplate, load_template
 
 __all__ = ["CrossEncoder"]
 
@@ -111,7 +113,9 @@ class _Worker(BatchRunner["CrossEncoder"]):
 
 
 class CrossEncoder:
-    """A cross-encoder reranker on ONNX Runtime.
+    """A cross-encoder reranker on ONNX Runtime: an encoder classifier, or a decoder-only (LLM)
+    reranker when the model directory holds ``rerank_template.json`` (``tailrank export
+    --rerank-template``). :attr:`kind` says which.
 
     Pairs are tokenized once (the query once per call, documents through an LRU token cache),
     assembled by the native core into length-sorted, minimally padded batches, and scored through
@@ -153,6 +157,15 @@ class CrossEncoder:
         score_cache: A :class:`ScoreCache` to share with other models or a server (its keys hold
             each model's :attr:`score_fingerprint`, so models never read each other's scores).
             Give this or ``cache_bytes``, not both.
+        prefix_reuse: LLM rerankers: run the prompt tokens before the document (system text,
+            instruction, query) once per request and continue every document from their KV
+            cache (default). False runs every full prompt (the same scores within 1e-4).
+
+    An LLM reranker builds each prompt from its template (prefix, query, document, suffix; see
+    :mod:`tailrank.rerank_template`), truncates the document as its model card does, and scores
+    sigmoid(logit(yes) - logit(no)) at the last token (or the raw yes logit where the template
+    says so). ``instruction=`` on :meth:`predict`, :meth:`rank` and :meth:`rank_ids` replaces the
+    template's default instruction.
 
     Raises:
         ModelError: Missing or invalid files, a graph that is not a cross-encoder (logits not
@@ -174,6 +187,7 @@ class CrossEncoder:
         nice: Priority = 0,
         cache_bytes: int = 0,
         score_cache: ScoreCache | None = None,
+        prefix_reuse: bool = True,
     ) -> None:
         cache_bytes = positive_int(cache_bytes, "cache_bytes", minimum=0)
         if score_cache is not None and not isinstance(score_cache, ScoreCache):
@@ -196,15 +210,46 @@ class CrossEncoder:
             self.model_dir / "tokenizer_config.json"
         ).is_file() else {}
         self._tokenizer = _load_tokenizer(tok_path)
-        try:
-            self._template = PairTemplate.from_tokenizer(tok_path)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"cannot read the pair template from {tok_path}: {e}") from e
+        self.rerank_template: RerankTemplate | None = None
+        #: ``"encoder"`` (a sequence classifier) or ``"llm"`` (a decoder-only reranker).
+        self.kind: Literal["encoder", "llm"] = "encoder"
+        self._llm: LlmScorer | None = None
+        if (self.model_dir / TEMPLATE_FILE).is_file():
+            if cache_bytes or score_cache is not None:
+                raise ValueError("the score cache does not support LLM rerankers yet")
+            self.kind = "llm"
+            self.rerank_template = _read_rerank_template(self.model_dir / TEMPLATE_FILE, config)
+            default = min(default_max_length(config, tok_config), self.rerank_template.max_length or 1 << 20)
+            limit = position_limit(config)
+            self.max_length = resolve_max_length(max_length, default, limit, 0)
+            self._prompts = LlmPrompts(self.rerank_template, self._encode, self.max_length)
+            bad = self._prompts.boundary_mismatches()
+            if bad:
+                # Prompts (and DocStore ids) would differ from the model card's one-string body.
+                raise ModelError(
+                    f"{TEMPLATE_FILE}: with this tokenizer the document segment does not start at a token "
+                    f"boundary of the joined query/document body (e.g. documents starting {bad[0]!r}); move the "
+                    "text before the slot so that it ends at a boundary (the built-in qwen3 ends it at ':' and "
+                    "starts the document segment with its space)"
+                )
+            p = self._prompts.prompt("", None)
+            # The full-prompt graph's template for the default instruction (probe, warm-up).
+            self._template = _llm_pair_template(p.prefix, p.suffix, self._tokenizer)
+        else:
+            try:
+                self._template = PairTemplate.from_tokenizer(tok_path)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelError(f"cannot read the pair template from {tok_path}: {e}") from e
         self.vocab_size = _check_vocab(config, self._tokenizer, self._template, tok_path)
+        if self.rerank_template is not None:
+            ids = [i for i in (self.rerank_template.yes_id, self.rerank_template.no_id) if i is not None]
+            if max(ids) >= self.vocab_size:
+                raise CorruptFileError(f"{TEMPLATE_FILE}: answer token id {max(ids)} is outside the vocabulary")
 
-        self.max_length = resolve_max_length(
-            max_length, default_max_length(config, tok_config), position_limit(config), self._template.n_special
-        )
+        if self.kind == "encoder":
+            self.max_length = resolve_max_length(
+                max_length, default_max_length(config, tok_config), position_limit(config), self._template.n_special
+            )
 
         runtime = read_runtime(self.model_dir)
         if device == "auto" and runtime.get("device", "auto") != "auto":
@@ -213,6 +258,17 @@ class CrossEncoder:
         self._session, self.device = load_session(
             onnx_path, device=device, threads=threads, spin=spin, nice=check_priority(nice), precision=precision
         )
+        if self.kind == "llm" and prefix_reuse:
+            prefix_graph = onnx_path.parent / "prefix.onnx"
+            if not prefix_graph.is_file() or not (onnx_path.parent / "continue.onnx").is_file():
+                raise ModelError(f"{onnx_path.parent} has no prefix.onnx/continue.onnx; re-export it, or pass prefix_reuse=False")
+            n_layers = config.get("num_hidden_layers")
+            self._llm = LlmScorer(
+                onnx_path.parent,
+                lambda path: load_session(path, device=self.device, threads=threads, spin=spin,
+                                          nice=check_priority(nice), precision=precision)[0],
+                n_layers if isinstance(n_layers, int) else None,
+            )
         #: The OpenVINO provider's inference precision ("fp32" or "bf16"); None on other
         #: devices, where the graph's own types rule.
         self.inference_precision: str | None = precision if self.device == "openvino" else None
@@ -223,10 +279,17 @@ class CrossEncoder:
         self.batch_tokens, self.max_batch_size = resolve_batch_limits(
             self.device, self.max_length, batch_tokens, max_batch_size
         )
-        self._doc_cap = self.max_length - self._template.n_special + 1
+        self._doc_cap = self.max_length - self._template.n_special + 1 if self.kind == "encoder" else self.max_length + 1
         self._cache = _TokenCache(positive_int(cache_tokens, "cache_tokens", minimum=0))
         self._probe()
+        if self.kind == "llm" and self.n_labels != 1:
+            raise ModelError(f"an LLM reranker's graph returns one logit per prompt, this one {self.n_labels}")
+        if self.kind == "llm" and self.rerank_template is not None and self.rerank_template.score == "logit" \
+                and activation == "default":
+            self.activation = "none"  # the template's score is the raw answer logit
         self._worker().warm_up(self, 1, self.n_labels)  # a one-token query with each document
+        if self._llm is not None:
+            self._logits_llm(" ", ["warm up"], self.max_batch_size, None)
         #: Identity of everything that decides a logit: weights, tokenizer, run-time settings,
         #: device, provider and precision, max_length and truncation. Score-cache keys hold it.
         self.score_fingerprint = _score_fingerprint(self, onnx_path)
@@ -283,15 +346,24 @@ class CrossEncoder:
             raise
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
+    def _encode_docs(self, docs: Sequence[str]) -> list[npt.NDArray[np.int32]]:
+        """Documents' ids: the text, or for an LLM reranker the template's document segment."""
+        if self.rerank_template is None:
+            return self._encode(docs)
+        fmt = self.rerank_template.document_text
+        for i, d in enumerate(docs):
+            check_text(d, f"document {i}")
+        return self._encode([fmt(d) for d in docs])
+
     def _doc_tokens(self, docs: Sequence[str], query_len: int) -> list[npt.NDArray[np.int32]]:
         """Token ids of ``docs``; cached ids are cut at max_length - specials + 1 tokens, which
         gives the same truncation as the full text whenever the query alone fits max_length."""
         if query_len >= self._doc_cap:
-            return self._encode(docs)  # rare: a query this long makes long documents' true length matter
+            return self._encode_docs(docs)  # rare: a query this long makes long documents' true length matter
         found = self._cache.get_many(docs)
         missing = list(dict.fromkeys(d for d, f in zip(docs, found) if f is None))
         if missing:
-            fresh = [a[: self._doc_cap].copy() if a.size > self._doc_cap else a for a in self._encode(missing)]
+            fresh = [a[: self._doc_cap].copy() if a.size > self._doc_cap else a for a in self._encode_docs(missing)]
             self._cache.put_many(missing, fresh)
             by_text = dict(zip(missing, fresh))
             found = [f if f is not None else by_text[d] for d, f in zip(docs, found)]
@@ -299,9 +371,95 @@ class CrossEncoder:
 
     # --- scoring -----------------------------------------------------------------------------
 
-    def _logits_for_query(
-        self, query: str, docs: Sequence[str], max_rows: int
+    def _check_instruction(self, instruction: str | None) -> None:
+        if instruction is None:
+            return
+        if self.kind != "llm":
+            raise ValueError("instruction= is for LLM rerankers; this model is a sequence classifier")
+        check_text(instruction, "instruction")
+
+    def _logits_llm(
+        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        check_text(query, "query")
+        return self._llm_tokens(query, instruction, self._doc_tokens(docs, 0), max_rows)
+
+    def _llm_tokens(
+        self, query: str, instruction: str | None, docs: Sequence[npt.NDArray[np.int32]], max_rows: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Logits and truncation flags of one LLM request: the prompt's ids once, then the
+        documents (ids of their segments) through the prefix-reuse or the full-prompt path."""
+        prompt = self._prompts.prompt(query, instruction)
+        logits = np.empty((len(docs), 1), dtype=np.float32)
+        truncated = np.zeros(len(docs), dtype=bool)
+        reuse = self._llm is not None and prompt.suffix.size > 0 and prompt.before.size > 0
+        computed = 0
+        for start in range(0, len(docs), _DOCS_PER_ASSEMBLY):
+            kept, flags = cut_documents(prompt, docs[start : start + _DOCS_PER_ASSEMBLY])
+            out = logits[start : start + len(kept)]
+            if reuse:
+                assert self._llm is not None
+                computed += self._llm.run(prompt, kept, out, batch_tokens=self.batch_tokens, max_batch_size=max_rows)
+            else:
+                worker = self._worker()
+                worker.batcher(self, max_rows)  # sizes the worker's output buffer for these rows
+                assembly = self._full_batcher(prompt.prefix, prompt.suffix, max_rows).assemble(prompt.head, kept)
+                worker.run(self, assembly, out)
+                computed += assembly.padded_tokens
+            truncated[start : start + len(kept)] = flags
+        self._local.tokens_computed = computed
+        return logits, truncated
+
+    def _full_batcher(self, prefix: npt.NDArray[np.int32], suffix: npt.NDArray[np.int32], rows: int) -> PairBatcher:
+        """This thread's batcher of whole prompts for one prefix and suffix (they change with the
+        instruction in some templates)."""
+        kept: OrderedDict[Any, PairBatcher] | None = getattr(self._local, "llm_batchers", None)
+        if kept is None:
+            kept = self._local.llm_batchers = OrderedDict()
+        key = (prefix.tobytes(), suffix.tobytes(), rows)
+        b = kept.get(key)
+        if b is None:
+            b = PairBatcher(_llm_pair_template(prefix, suffix, self._tokenizer), max_length=self.max_length,
+                            batch_tokens=self.batch_tokens, max_batch_size=rows, dtype=self._in_dtype)
+            kept[key] = b
+            while len(kept) > 8:
+                kept.popitem(last=False)
+        return b
+
+    def score_prompts(
+        self, query: str, documents: Sequence[npt.NDArray[np.int32]], *, instruction: str | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """LLM rerankers: logits [n, 1] and truncation flags of one query against documents' ids
+        (from :meth:`tokenize_documents`, e.g. a DocStore's), with prefix reuse when on."""
+        if self.kind != "llm":
+            raise ValueError("score_prompts is for LLM rerankers; use score_tokens")
+        self._check_instruction(instruction)
+        check_text(query, "query")
+        return self._llm_tokens(query, instruction, list(documents), self.max_batch_size)
+
+    def prompt_ids(self, query: str, document: str, *, instruction: str | None = None) -> npt.NDArray[np.int32]:
+        """LLM rerankers: the token ids of one (query, document) prompt as scored (cut to
+        max_length), e.g. to compare a template with a model card's own code."""
+        if self.kind != "llm":
+            raise ValueError("prompt_ids is for LLM rerankers; this model is a sequence classifier")
+        self._check_instruction(instruction)
+        check_text(query, "query")
+        prompt = self._prompts.prompt(query, instruction)
+        (doc,), _ = cut_documents(prompt, self._encode_docs([document]))
+        return np.concatenate([prompt.prefix, prompt.head, doc, prompt.suffix]).astype(np.int32)
+
+    @property
+    def tokens_computed(self) -> int:
+        """LLM rerankers: the tokens this thread's last request ran through the model (the
+        prefix once and the padded document rows with prefix reuse; every padded prompt without)."""
+        return int(getattr(self._local, "tokens_computed", 0))
+
+    def _logits_for_query(
+        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        self._check_instruction(instruction)
+        if self.kind == "llm":
+            return self._logits_llm(query, docs, max_rows, instruction)
         worker = self._worker()
         batcher = worker.batcher(self, max_rows)
         (q_ids,) = self._encode([query])
@@ -348,19 +506,23 @@ class CrossEncoder:
             return (logits[:, 1] - logits[:, 0]).astype(np.float32)
         return self._scores(logits)
 
-    def predict(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None) -> npt.NDArray[np.float32]:
+    def predict(
+        self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, instruction: str | None = None
+    ) -> npt.NDArray[np.float32]:
         """Scores (query, document) pairs.
 
         Args:
             pairs: ``(query, document)`` string pairs; queries may differ (pairs are grouped by
                 query, each query tokenized once).
             batch_size: Row cap per batch for this call (default: ``max_batch_size``).
+            instruction: LLM rerankers: the task instruction (default: the template's).
 
         Returns:
             float32 scores in input order: [N], or [N, 2] for two-logit models with
             ``activation="none"``.
         """
         rows = self.max_batch_size if batch_size is None else positive_int(batch_size, "batch_size")
+        self._check_instruction(instruction)
         items = list(pairs)
         groups: dict[str, list[int]] = {}
         for i, pair in enumerate(items):
@@ -369,7 +531,7 @@ class CrossEncoder:
             groups.setdefault(pair[0], []).append(i)
         logits = np.empty((len(items), self.n_labels), dtype=np.float32)
         for query, idx in groups.items():
-            got, _ = self._logits_for_query(query, [items[i][1] for i in idx], rows)
+            got, _ = self._logits_for_query(query, [items[i][1] for i in idx], rows, instruction)
             logits[idx] = got
         return self._scores(logits)
 
@@ -380,8 +542,10 @@ class CrossEncoder:
         *,
         top_k: int | None = None,
         return_documents: bool = False,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Ranks documents for one query, best first (ties in input order).
+        """Ranks documents for one query, best first (ties in input order). ``instruction``: for
+        LLM rerankers, the task instruction (default: the template's).
 
         Returns:
             Dicts with ``corpus_id`` (the document's index), ``score``, ``truncated`` (whether the
@@ -393,9 +557,10 @@ class CrossEncoder:
         for i, d in enumerate(docs):
             if not isinstance(d, str):
                 raise TypeError(f"document {i} must be a string, got {type(d).__name__}")
+        self._check_instruction(instruction)
         if not docs:
             return []
-        logits, truncated = self._logits_for_query(query, docs, self.max_batch_size)
+        logits, truncated = self._logits_for_query(query, docs, self.max_batch_size, instruction)
         scores = self._rank_scores(logits)
         out = []
         for i in _top(scores, top_k):
@@ -406,10 +571,12 @@ class CrossEncoder:
         return out
 
     def rank_ids(
-        self, query: str, store: DocStore, ids: npt.ArrayLike, *, top_k: int | None = None
+        self, query: str, store: DocStore, ids: npt.ArrayLike, *, top_k: int | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
         """Ranks pre-tokenized documents held in a DocStore (tokenized with this model's
-        tokenizer, without special tokens), best first.
+        tokenizer, without special tokens: :meth:`tokenize_documents`), best first.
+        ``instruction``: for LLM rerankers, the task instruction (default: the template's).
 
         Returns:
             Dicts with ``corpus_id`` (the store id), ``score`` and ``truncated``.
@@ -424,9 +591,19 @@ class CrossEncoder:
                 f"the DocStore's vocab_size {store.vocab_size} exceeds the model's {self.vocab_size}; "
                 "tokenize documents with this model's tokenizer"
             )
+        self._check_instruction(instruction)
         id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if id_arr.size == 0:
             return []
+        if self.kind == "llm":
+            check_text(query, "query")
+            tokens = [store.get(int(i)) for i in id_arr]
+            logits, truncated = self._llm_tokens(query, instruction, tokens, self.max_batch_size)
+            scores = self._rank_scores(logits)
+            return [
+                {"corpus_id": int(id_arr[i]), "score": float(scores[i]), "truncated": bool(truncated[i])}
+                for i in _top(scores, top_k)
+            ]
         worker = self._worker()
         batcher = worker.batcher(self, self.max_batch_size)
         (q_ids,) = self._encode([query])
@@ -453,6 +630,7 @@ class CrossEncoder:
     def batcher(self, max_batch_size: int | None = None) -> PairBatcher:
         """This thread's PairBatcher for this model (template, max_length, token budget, input
         dtype; pinned staging on CUDA). Its buffers are reused by its next assembly."""
+        self._encoder_only("batcher")
         rows = self.max_batch_size if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
         return self._worker().batcher(self, rows)
 
@@ -469,6 +647,7 @@ class CrossEncoder:
             ``(logits, scored)``: float32 [candidates, n_labels] in the assembly's candidate order
             (NaN where not scored) and the bool mask of the scored candidates.
         """
+        self._encoder_only("score_assembly")
         n = assembly.truncated.size
         logits = np.full((n, self.n_labels), np.nan, dtype=np.float32)
         scored = np.zeros(n, dtype=bool)
@@ -489,6 +668,7 @@ class CrossEncoder:
         """Logits [n, n_labels] and truncation flags of one query's token ids against documents'
         (no special tokens), through the score cache when it is on: only the misses are
         assembled and scored."""
+        self._encoder_only("score_tokens")
         q = as_token_ids(query_ids, "query_ids")
         docs = list(documents)
         logits = np.empty((len(docs), self.n_labels), dtype=np.float32)
@@ -534,8 +714,16 @@ class CrossEncoder:
         return self._doc_tokens(list(documents), positive_int(query_len, "query_len", minimum=0))
 
     def tokenize_documents(self, documents: Sequence[str]) -> list[npt.NDArray[np.int32]]:
-        """Token ids of documents (no special tokens, untruncated), e.g. for ``DocStore.add``."""
-        return self._encode(list(documents))
+        """Token ids of documents (no special tokens, untruncated), e.g. for ``DocStore.add``;
+        for an LLM reranker, the ids of each document's template segment."""
+        return self._encode_docs(list(documents))
+
+    def _encoder_only(self, what: str) -> None:
+        # The schedulers batch (query, document) token pairs of an encoder's template; an LLM
+        # prompt needs its prefix/suffix per request, which they do not carry yet.
+        if self.kind == "llm":
+            raise ModelError(f"{what}: the pair batch schedulers do not run LLM rerankers; "
+                             "use predict, rank, rank_ids or score_prompts")
 
     def __repr__(self) -> str:
         return (
@@ -557,6 +745,7 @@ def _score_fingerprint(o: CrossEncoder, onnx_path: Path) -> bytes:
         "max_length": o.max_length,
         "truncation": "longest_first",
         "template": [list(p) for p in o._template.pieces] + [o._template.pad_id],
+        "rerank_template": None if o.rerank_template is None else o.rerank_template.to_json(),
         "n_labels": o.n_labels,
         "dtypes": [str(o._in_dtype), str(o._out_dtype)],
     }
@@ -599,3 +788,20 @@ def _check_vocab(config: dict[str, Any], tokenizer: Any, template: PairTemplate,
     if max(specials) >= model_vocab:
         raise ModelError(f"special token id {max(specials)} is outside the model's vocabulary of {model_vocab}")
     return model_vocab
+
+
+def _read_rerank_template(path: Path, config: dict[str, Any]) -> RerankTemplate:
+    """The model directory's template, written by export (so every field is checked as a file's)."""
+    t = load_template(path, corrupt=True)
+    if t.yes_id is None or (t.score == "sigmoid" and t.no_id is None):
+        raise CorruptFileError(f"{path}: the answer token ids (yes_id/no_id) are missing; re-export the model")
+    return t
+
+
+def _llm_pair_template(prefix: npt.NDArray[np.int32], suffix: npt.NDArray[np.int32], tokenizer: Any) -> PairTemplate:
+    """Whole prompts as a pair template: the prefix, the head (sequence A), the document (B), the suffix."""
+    pieces = [(0, int(t), 0) for t in prefix] + [(1, -1, 0), (2, -1, 0)] + [(0, int(t), 0) for t in suffix]
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    if pad is None:
+        pad = tokenizer.token_to_id("<pad>")
+    return PairTemplate(tuple(pieces), int(pad or 0))

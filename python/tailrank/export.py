@@ -72,6 +72,7 @@ def export(
     opset: int = 17,
     force: bool = False,
     tolerance: float = TOLERANCE,
+    rerank_template: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Exports a transformers sequence-classification checkpoint, or a sentence-transformers
     checkpoint, to ``out_dir/onnx/model.onnx``.
@@ -99,6 +100,10 @@ def export(
         force: Replace an existing ``out_dir``.
         tolerance: Largest accepted |difference| between ONNX Runtime and PyTorch (logits, or
             token embeddings).
+        rerank_template: For a causal-LM checkpoint (an LLM reranker): a built-in template name
+            (``"qwen3"``, ``"mxbai-v2"``, ``"bge-gemma"``) or a template JSON file. Without it a
+            causal LM is exported only if its directory holds ``rerank_template.json``. See
+            :mod:`tailrank.rerank_template` for the layout and the three graphs written.
 
     Returns:
         The output directory.
@@ -115,6 +120,17 @@ def export(
         return _export_st(src, Path(out_dir), opset=opset, force=force, tolerance=tolerance)
     if not (src / "config.json").is_file():
         raise ModelError(f"{src} is not a Hugging Face model directory: config.json is missing")
+    llm = _llm_template(src, rerank_template)
+    if llm is not None:
+        _check_extra()
+        from ._export_llm import export_llm
+
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            export_llm(src, tmp, llm, opset=opset, tolerance=tolerance)
+            copy_model_files(src, tmp)
+            if not (tmp / "tokenizer.json").is_file():
+                raise ModelError(f"{src} has no tokenizer.json; an LLM reranker needs a fast tokenizer file")
+        return Path(out_dir)
     wrapper, tokenizer, names = _load_wrapped(
         "AutoModelForSequenceClassification", src, "logits", "text cross-encoder",
         f"cannot load {src} as a transformers sequence-classification model",
@@ -127,6 +143,28 @@ def export(
         _write_graph(tmp, wrapper, names, "logits", sample, checks, opset, tolerance, per_token=False)
         _copy_tokenizer(tokenizer, src, src, tmp)
     return Path(out_dir)
+
+
+def _llm_template(src: Path, spec: str | os.PathLike[str] | None) -> Any:
+    """The rerank template to export ``src`` with, or None for a sequence classifier."""
+    from ._export_llm import is_causal_lm
+    from .rerank_template import TEMPLATE_FILE, load_template, resolve_template
+
+    from ._ort import read_json
+
+    causal = is_causal_lm(read_json(src / "config.json", "config.json"))
+    if spec is not None:
+        if not causal:
+            raise ModelError(f"--rerank-template is for causal-LM checkpoints; {src} is not one (config.json architectures)")
+        return resolve_template(spec)
+    if not causal:
+        return None
+    if (src / TEMPLATE_FILE).is_file():
+        return load_template(src / TEMPLATE_FILE, corrupt=False)
+    raise ModelError(
+        f"{src} is a causal language model: an LLM reranker needs its prompt layout; pass "
+        "--rerank-template qwen3|mxbai-v2|bge-gemma|FILE (rerank_template= in Python)"
+    )
 
 
 def _load_wrapped(auto_class: str, path: Path, output: str, what: str, failure: str) -> tuple[Any, Any, tuple[str, ...]]:

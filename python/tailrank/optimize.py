@@ -75,6 +75,9 @@ def optimize(
         raise ModelError(f"precision must be fp32, int8, fp16 or bf16, got {precision!r}")
     src_dir = Path(model_dir)
     src = find_onnx(src_dir)
+    if (src_dir / "rerank_template.json").is_file():
+        # Three graphs (full prompt, prefix, continuation) would each need the rewrite and the gate.
+        raise ModelError(f"{src_dir} is an LLM reranker; tailrank optimize does not rewrite those yet")
     config = read_json(src_dir / "config.json", "config.json")
     if precision == "bf16" and not openvino_available():
         raise ModelError(_bf16_refusal())

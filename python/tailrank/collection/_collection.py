@@ -611,7 +611,8 @@ class Collection:
         chunk_texts = [docs[i][a:b] for i, sp in enumerate(spans) for a, b in sp]
         owner = [i for i, sp in enumerate(spans) for _ in sp]
         emb = vecs if vecs is not None else self._embed(chunk_texts, show_progress)
-        tokens = self.reranker.tokenize(chunk_texts) if self._has_store and self.reranker is not None else None
+        # The reranker's document ids (an LLM reranker's: its template's document segment).
+        tokens = self.reranker.tokenize_documents(chunk_texts) if self._has_store and self.reranker is not None else None
         metas_json = [metadata_json(m) for m in metas]
         flat_spans = [ab for sp in spans for ab in sp]
         out: list[DocId] = []
@@ -738,6 +739,7 @@ class Collection:
         fusion: FusionMethod | None = None,
         fusion_weight: float | None = None,
         rrf_k: int | None = None,
+        instruction: str | None = None,
     ) -> SearchResult:
         """Embeds the query, takes ``candidates`` chunks from the HNSW index (inside ``filter``),
         reranks them with the cross-encoder, fuses the two scores if asked, and returns the best
@@ -759,6 +761,8 @@ class Collection:
                 the deadline; candidates left unscored keep first-stage order after the scored
                 ones, and ``degraded`` is set.
             ef: HNSW search breadth for this call (default: the index's).
+            instruction: With an LLM reranker, the task instruction of its prompt (default: the
+                template's); its prompt before the document runs once for all candidates.
             fusion: How reranked candidates are ranked: ``"none"`` by the reranker's score,
                 ``"rrf"`` by reciprocal-rank fusion of both ranks, ``"linear"`` by
                 ``w * rerank + (1 - w) * first stage``, each min-max normalized over the
@@ -781,19 +785,30 @@ class Collection:
             raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
         deadline = None if deadline_ms is None else time.monotonic() + float(deadline_ms) / 1000.0
         rr = self.reranker
+        llm = rr is not None and rr.kind == "llm"
+        if instruction is not None and not (plan.rerank and llm):
+            raise ValueError("instruction= is for searches reranked by an LLM reranker")
+        if llm and plan.rerank and deadline is not None:
+            raise ValueError("deadline_ms is not supported with an LLM reranker yet")
         t = time.perf_counter()
         qvec = self.embedder.encode([query])[0]
         embed_ms = ms(t)
         q_tok = rr.tokenize([query])[0] if plan.rerank and rr is not None else None
         # The fused call assembles every candidate; a score cache wants the tokens first.
-        fused = deadline is None and (rr is None or rr.score_cache is None)
+        fused = deadline is None and (rr is None or rr.score_cache is None) and not llm
         cands = self.first_stage(plan, qvec, q_tok, assemble=fused)
         cands.timings["embed"] = embed_ms
         if not plan.rerank or cands.keys.size == 0:
             return self.finish_search(plan, cands, t0=t0)
         assert rr is not None and q_tok is not None
         timings = cands.timings
-        if cands.assembly is not None or deadline is None:
+        if llm:
+            assert cands.docs is not None
+            t = time.perf_counter()
+            logits, truncated = rr.score_prompts(query, cands.docs, instruction=instruction)
+            timings["score"] = ms(t)
+            scored = np.ones(len(cands.docs), dtype=bool)
+        elif cands.assembly is not None or deadline is None:
             assembly = cands.assembly
             if assembly is None and rr.score_cache is not None:
                 assert cands.docs is not None

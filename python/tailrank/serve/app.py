@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
 from .._validate import positive_int
+from ..errors import ModelError
 from .admission import Admission
 from .errors import ServeError, error_of, error_response
 from .executor import Executor, calibrate_reranker
@@ -147,6 +148,10 @@ def create_app(
         reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice,
                                 cache_bytes=score_cache_bytes)
     model: Reranker = reranker
+    if getattr(model, "kind", "encoder") == "llm":
+        # Its prompts need a prefix and suffix per request, which the cross-request rounds do not carry.
+        raise ModelError(f"tailrank serve does not serve LLM rerankers yet ({getattr(model, 'model_dir', '')}); "
+                         "use CrossEncoder.rank or Collection.search in Python")
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
     limits = limits or Limits()
