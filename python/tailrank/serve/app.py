@@ -81,10 +81,18 @@ def _open_collection(path: str | os.PathLike[str], model: Any, threads: int | No
     """The collection at ``path`` with the served reranker and its embedder built for serving:
     no spinning threads, and the scoring priority below the event loop (as the reranker)."""
     from ..collection import Collection  # type: ignore[import-not-found,unused-ignore]
+    from ..collection import _location
     from ..collection._manifest import read_manifest, recorded_dir
     from ..embedder import Embedder
 
-    emb = Embedder(recorded_dir(read_manifest(Path(path)), "embedder"), threads=threads, spin=False, nice=nice)
+    where = _location.parse(path)
+    if isinstance(where, _location.MilvusURI):  # the manifest lives in Milvus; the models on this machine
+        from ..collection._milvus import recorded_model_dir
+
+        rec = recorded_model_dir(where, "embedder")
+    else:
+        rec = recorded_dir(read_manifest(Path(where)), "embedder")
+    emb = Embedder(rec, threads=threads, spin=False, nice=nice)
     return Collection.open(path, embedder=emb, reranker=cast(Any, model))
 
 
