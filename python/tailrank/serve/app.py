@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
 from .._validate import positive_int
+from ..errors import BackendError
 from .admission import Admission
 from .errors import ServeError, error_of, error_response
 from .executor import Executor, calibrate_reranker
@@ -232,6 +233,10 @@ def create_app(
     @app.exception_handler(ServeError)
     async def _on_serve_error(request: Request, exc: ServeError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(BackendError)
+    async def _on_backend(request: Request, exc: BackendError) -> JSONResponse:  # the collection's store is down
+        return error_response(error_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
