@@ -38,6 +38,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,6 +118,7 @@ class MilvusCollection(Collection):
     token_cap: int
     write_batch_rows: int
     write_backoff_s: float
+    ef_default: int
     _conn: Any
     _sleep: Callable[[float], None]
 
@@ -316,8 +318,8 @@ class MilvusCollection(Collection):
         keys = [doc_key(i) for i in want]
         for s in range(0, len(keys), _LIST):
             part = keys[s : s + _LIST]
-            self._retry("delete", lambda part=part: self._client.delete(
-                self.uri.name, filter=f"doc in [{', '.join(literal(k) for k in part)}]"), s, len(keys))
+            expr = f"doc in [{', '.join(literal(k) for k in part)}]"
+            self._retry("delete", partial(self._client.delete, self.uri.name, filter=expr), s, len(keys))
 
     def _write(
         self,
@@ -396,11 +398,11 @@ class MilvusCollection(Collection):
         """Upserts whole documents in batches (each retried), then drops chunks an upsert left over."""
         n, done, s = len(rows_of), 0, 0
         while s < n:
-            e, rows = s, []
+            e, rows = s, list[dict[str, Any]]()
             while e < n and (not rows or len(rows) + len(rows_of[e]) <= self.write_batch_rows):
                 rows += rows_of[e]
                 e += 1
-            self._retry("upsert", lambda rows=rows: self._client.upsert(self.uri.name, rows), done, n, doc_ids)
+            self._retry("upsert", partial(self._client.upsert, self.uri.name, rows), done, n, doc_ids)
             done, s = e, e
         if replace:  # a shorter new version: its old chunks beyond the new count go
             by_count: dict[int, list[str]] = {}
@@ -410,8 +412,7 @@ class MilvusCollection(Collection):
                 for p in range(0, len(keys), _LIST):
                     part = keys[p : p + _LIST]
                     expr = f"doc in [{', '.join(literal(k) for k in part)}] and chunk >= {count}"
-                    self._retry("delete", lambda expr=expr: self._client.delete(self.uri.name, filter=expr), n, n,
-                                doc_ids)
+                    self._retry("delete", partial(self._client.delete, self.uri.name, filter=expr), n, n, doc_ids)
 
     def _retry(self, what: str, fn: Callable[[], Any], done: int, total: int,
                doc_ids: Sequence[DocId] | None = None) -> None:
