@@ -162,3 +162,25 @@ def test_a_server_that_goes_down_is_a_backend_error_and_a_503(tmp_path, emb, ce)
                 call()
     finally:
         server.stop()
+
+
+def test_serve_opens_a_milvus_uri_with_its_recorded_embedder(milvus_server, emb, ce, ce_dir):
+    """`tailrank serve --collection milvus://...`: the app opens the URI itself (the embedder from
+    the manifest in Milvus, the reranker the served model) and searches it."""
+    from fastapi.testclient import TestClient
+
+    from tailrank.serve import create_app
+
+    uri = milvus_uri(milvus_server, "served")
+    col = Collection.create(uri, embedder=emb, reranker=ce)
+    texts = _docs(12, 7)
+    col.add(texts, ids=[f"s{i}" for i in range(12)], metadata=[{"even": i % 2 == 0} for i in range(12)])
+    want = col.search(texts[3][:30], k=3, filter={"even": False})
+    app = create_app(ce_dir, collection=uri)
+    with TestClient(app) as c:
+        assert app.state.tailrank.wait_ready(60)
+        r = c.post("/search", json={"query": texts[3][:30], "k": 3, "filter": {"even": False}})
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["hits"]] == want.ids()
+        bad = c.post("/search", json={"query": "x", "filter": {"even": {"$gt": 2**60}}})
+        assert bad.status_code == 422 and "2**53" in bad.text
