@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--batch", type=int, default=1000, help="documents per add call")
-    ap.add_argument("--latency-queries", type=int, default=30, help="searches timed per system")
+    ap.add_argument("--latency-queries", type=int, default=30, help="searches timed per system (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "milvus.json")
     args = ap.parse_args()
@@ -119,6 +119,23 @@ def main() -> int:
     print(json.dumps(quality, indent=1), flush=True)
 
     # Latency: the systems interleaved query by query, each query's searches in a rotating order.
+    if args.latency_queries > 0:
+        out["latency"] = latency(cols, queries, qids, args)
+    out["load_after"] = os.getloadavg()
+
+    cols["milvus"]._client.drop_collection(cols["milvus"].uri.name)  # the benchmark's own collections
+    cols["milvus"]._client.drop_collection(cols["milvus"].uri.name + "__tailrank")
+    cols["embedded"].close(checkpoint=False)
+    shutil.rmtree(emb_path)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def latency(cols: dict[str, Any], queries: dict[str, str], qids: list[str], args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     sample = rng.sample(qids, min(args.latency_queries, len(qids)))
     names = list(cols)
@@ -146,20 +163,8 @@ def main() -> int:
         lat[name] = d
     lat["searches_per_system"] = len(sample)
     lat["same_top10_embedded_vs_milvus"] = same_top
-    out["latency"] = lat
-    out["load_after"] = os.getloadavg()
     print(json.dumps(lat, indent=1), flush=True)
-
-    cols["milvus"]._client.drop_collection(cols["milvus"].uri.name)  # the benchmark's own collections
-    cols["milvus"]._client.drop_collection(cols["milvus"].uri.name + "__tailrank")
-    cols["embedded"].close(checkpoint=False)
-    shutil.rmtree(emb_path)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
-    return 0
+    return lat
 
 
 if __name__ == "__main__":
