@@ -181,8 +181,9 @@ class MilvusCollection(Collection):
         ip = client.prepare_index_params()
         ip.add_index(field_name="emb", index_type="HNSW", metric_type=_METRIC[metric],
                      params={"M": int(M), "efConstruction": int(ef_construction)})
-        _call(uri, "create_collection", client.create_collection, uri.name, schema=s, index_params=ip,
+        _call(uri, "create_collection", client.create_collection, uri.name, schema=s,
               consistency_level=uri.consistency)
+        _call(uri, "create_index", client.create_index, uri.name, ip)
         ss = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                            description="tailrank manifest of " + uri.name)
         ss.add_field("pk", DataType.INT64, is_primary=True)
@@ -190,8 +191,9 @@ class MilvusCollection(Collection):
         ss.add_field("manifest", DataType.VARCHAR, max_length=MAX_VARCHAR)
         sp = client.prepare_index_params()
         sp.add_index(field_name="v", index_type="FLAT", metric_type="L2")
-        _call(uri, "create_collection", client.create_collection, side, schema=ss, index_params=sp,
-              consistency_level="Strong")
+        _call(uri, "create_collection", client.create_collection, side, schema=ss, consistency_level="Strong")
+        _call(uri, "create_index", client.create_index, side, sp)
+        _load(uri, client, [uri.name, side])
         _write_manifest(uri, client, manifest)  # last: its presence marks a whole collection
         return cls._attach(uri, client, manifest, emb, rr, threads)
 
@@ -199,6 +201,7 @@ class MilvusCollection(Collection):
     def open_at(cls, uri: MilvusURI, *, embedder: Any, reranker: Any, threads: int | None) -> MilvusCollection:
         client = connect(uri)
         manifest = read_manifest(uri, client)
+        _load(uri, client, [uri.name])  # released (or never loaded) after a restart: searchable again
         emb = as_embedder(embedder if embedder is not None else _recorded(manifest, "embedder", uri), threads)
         rr_src = reranker
         if rr_src is None and manifest["reranker"] is not None:
@@ -582,6 +585,19 @@ def _call(uri: MilvusURI, what: str, fn: Callable[..., T], *args: Any, **kwargs:
     except (pm.exceptions.MilvusException, ConnectionError, TimeoutError, OSError) as e:
         raise BackendError(f"Milvus at {uri} failed {what}: {e}. Check that the server is up and reachable at "
                            f"{uri.endpoint}, the token (TAILRANK_MILVUS_TOKEN) and TLS (milvus+https://)") from e
+
+
+def _load(uri: MilvusURI, client: Any, names: list[str], within_s: float = 300.0) -> None:
+    """Loads collections side by side (each load takes the server seconds) and waits, bounded."""
+    for n in names:
+        _call(uri, "load_collection", client.load_collection, n, _async=True)
+    end = time.monotonic() + within_s
+    for n in names:
+        while "Loaded" not in str(_call(uri, "get_load_state", client.get_load_state, n).get("state")):
+            if time.monotonic() >= end:
+                raise BackendError(f"Milvus at {uri} did not load the collection {n} within {within_s:.0f} s; check "
+                                   "the query nodes (memory, logs)")
+            time.sleep(0.05)
 
 
 def connect(uri: MilvusURI) -> Any:
