@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ._beir import doc_text, read_jsonl, read_qrels
@@ -17,7 +16,7 @@ _TEXT_FIELDS = ("_id", "title", "text")
 
 def add_parser(sub: Any) -> None:
     i = sub.add_parser("ingest", help="add a JSONL corpus (BEIR lines: _id, title, text) to a collection")
-    i.add_argument("path", help="collection folder (created when missing)")
+    i.add_argument("path", help="collection folder or milvus://HOST:PORT/NAME (created when missing)")
     i.add_argument("--jsonl", required=True, help="corpus file (.jsonl or .jsonl.gz); other fields become metadata")
     i.add_argument("--embedder", help="bi-encoder model dir (default: all-MiniLM-L6-v2, exported once and cached)")
     i.add_argument("--reranker", help="cross-encoder model dir (made by `tailrank export`)")
@@ -29,7 +28,7 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
     s = sub.add_parser("search", help="search a collection")
-    s.add_argument("path", help="collection folder")
+    s.add_argument("path", help="collection folder or milvus://HOST:PORT/NAME")
     s.add_argument("query")
     s.add_argument("-k", type=int, default=10, help="hits to return (default 10)")
     s.add_argument("--candidates", type=int, default=100, help="first-stage candidates to rerank (default 100)")
@@ -46,7 +45,7 @@ def add_parser(sub: Any) -> None:
     _model_args(s)
 
     e = sub.add_parser("eval", help="nDCG@10 and Recall@{10,100} of the first stage and after reranking")
-    e.add_argument("path", help="collection folder")
+    e.add_argument("path", help="collection folder or milvus://HOST:PORT/NAME")
     e.add_argument("--queries", required=True, help="queries.jsonl (BEIR: _id, text)")
     e.add_argument("--qrels", required=True, help="qrels TSV (query-id, corpus-id, score; header optional)")
     e.add_argument("--candidates", type=int, default=100, help="first-stage candidates (default 100)")
@@ -116,8 +115,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from .collection import Collection
     from .embedder import default_embedder_dir
 
-    path = Path(args.path)
-    if (path / "manifest.json").is_file():
+    path = args.path
+    if Collection.exists(path):
         col = Collection.open(path, embedder=args.embedder, reranker=args.reranker, threads=args.threads)
     else:
         col = Collection.create(

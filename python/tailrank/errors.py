@@ -13,6 +13,8 @@ __all__ = [
     "DuplicateIdError",
     "LimitError",
     "FusionError",
+    "StoreURIError",
+    "BackendError",
 ]
 
 
@@ -57,3 +59,14 @@ class LimitError(TailrankError, ValueError):
 
 class FusionError(TailrankError, ValueError):
     """A score-fusion setting that is malformed (unknown method, weight outside [0, 1], bad k)."""
+
+
+class StoreURIError(TailrankError, ValueError):
+    """A collection location that is neither a folder nor a well-formed store URI
+    (``milvus://HOST:PORT/NAME``): an unknown scheme, a bad host, port or name."""
+
+
+class BackendError(TailrankError):
+    """The storage server of a collection (Milvus) is down, refused the connection, timed out or
+    failed a request. The message names the URI and what to check; a write it interrupted says
+    how much of it was stored and that repeating it (upsert) completes it."""

@@ -1,9 +1,12 @@
-"""Module-scoped models shared by the Collection test modules (seeded tiny models, no hub)."""
+"""Module-scoped models shared by the Collection test modules (seeded tiny models, no hub), and
+the two storage backends the behaviour-defining tests run against: ``embedded`` (a folder) and
+``milvus`` (a collection on the session's real Milvus server, see milvus_fixtures)."""
 
 from __future__ import annotations
 
 import models
 import pytest
+from milvus_fixtures import milvus_uri
 
 from tailrank import CrossEncoder, Embedder
 
@@ -26,3 +29,23 @@ def emb(emb_dir):
 @pytest.fixture(scope="module")
 def ce(ce_dir):
     return CrossEncoder(ce_dir, threads=1, max_batch_size=8)
+
+
+BACKENDS = ["embedded", "milvus"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture()
+def where(request, backend, tmp_path):
+    """``where(name)``: a fresh location of a collection on this test's backend."""
+
+    def make(name: str = "col"):
+        if backend == "embedded":
+            return tmp_path / name
+        return milvus_uri(request.getfixturevalue("milvus_server"), name)
+
+    return make

@@ -216,3 +216,7 @@ def assert_all_corrupt(load: Callable[[Path], object], damaged: dict[str, Path])
 @pytest.fixture(name="assert_all_corrupt", scope="session")
 def assert_all_corrupt_fixture() -> Callable[[Callable[[Path], object], dict[str, Path]], None]:
     return assert_all_corrupt
+
+
+# The one Milvus server of a test session (defined once here, so every module shares it).
+from milvus_fixtures import milvus_server  # noqa: E402,F401

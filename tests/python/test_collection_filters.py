@@ -1,5 +1,6 @@
 """Collection filters: every operator against a brute-force evaluator (hypothesis), limits and
-bad filters as FilterError, one error type per kind of bad input, and index use."""
+bad filters as FilterError, one error type per kind of bad input, and index use; on both storage
+backends (the embedded store and a real Milvus server), adversarial strings included."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ import models
 from tailrank import Embedder
 from tailrank.collection import Collection
 from tailrank.collection import _filters
+from tailrank.collection._milvus_expr import EXACT_INT, compile_filter
 from tailrank.errors import FilterError
+
+from collection_fixtures import BACKENDS
+from milvus_fixtures import milvus_uri
 
 N = 24
 # Field names that would break naive SQL or JSON paths.
@@ -27,10 +32,15 @@ VALUES: list[Any] = [0, 1, -1, 2, 1.0, 0.5, -0.0, 2.5, 2**53 + 1, float(2**53), 
 OTHERS: list[Any] = [[1, 2], {"k": 1}, []]
 
 
-@pytest.fixture(scope="module")
-def col(tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def col(request, tmp_path_factory):
     emb = Embedder(models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1], threads=1)
-    c = Collection.create(tmp_path_factory.mktemp("filters") / "c", embedder=emb)
+    if request.param == "embedded":
+        where: Any = tmp_path_factory.mktemp("filters") / "c"
+    else:
+        where = milvus_uri(request.getfixturevalue("milvus_server"), "filters")
+    c = Collection.create(where, embedder=emb)
+    c.backend = request.param
     vecs = np.random.default_rng(0).standard_normal((N, emb.dim)).astype(np.float32)
     c.add([f"doc {i}" for i in range(N)], ids=[f"d{i}" for i in range(N)], vectors=vecs)
     c.vecs = vecs
@@ -124,12 +134,66 @@ filters = st.recursive(
                                                                   HealthCheck.too_slow])
 @given(metas=metas, flts=st.lists(filters, min_size=1, max_size=5))
 def test_every_operator_matches_the_brute_force_evaluator(col, metas, flts):
+    metas, flts = _exact(col, metas), _exact(col, flts)
     ids = [f"d{i}" for i in range(N)]
     col.upsert([f"doc {i}" for i in range(N)], ids=ids, metadata=metas, vectors=col.vecs)
     for flt in flts:
         want = {i for i, m in zip(ids, metas) if oracle(flt, m)}
         got = {h.id for h in col.search("q", k=N, candidates=N, rerank=False, filter=flt).hits}
         assert got == want, flt
+
+
+def _exact(col: Any, obj: Any) -> Any:
+    """Milvus compares numbers as doubles and so refuses integers beyond +-2**53 (tested below):
+    on it the one such value of VALUES becomes the largest exact one."""
+    if col.backend != "milvus":
+        return obj
+    if isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) > EXACT_INT:
+        return EXACT_INT - 1
+    if isinstance(obj, dict):
+        return {k: _exact(col, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_exact(col, v) for v in obj]
+    return obj
+
+
+ATTACKS = ['" or chunk >= 0 or "', '\\" or true or \\"', "') or (1 == 1", '"] == 1 or mf["', "\\", '"', "\n",
+           "\u0022", "\\u0022 or true", "é\x00\u2028😀", "x\" || chunk >= 0 || \"", "not", "'"]
+adversarial = st.one_of(st.text(max_size=10), st.sampled_from(ATTACKS))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(strs=st.lists(adversarial, min_size=N, max_size=N), probe=adversarial,
+       op=st.sampled_from(["$eq", "$ne", "$gt", "$lte", "$in", "$nin"]), name=st.one_of(st.text(min_size=1), adversarial))
+def test_adversarial_strings_are_values_never_syntax(col, strs, probe, op, name):
+    """Any string as a value or a field name matches exactly what the evaluator says: quotes,
+    backslashes, escapes and operators inside it never reach the store's query language."""
+    if name.startswith("$") or not name:
+        name = "f" + name
+    metas = [{name: x} if i % 5 else {} for i, x in enumerate(strs)]
+    ids = [f"d{i}" for i in range(N)]
+    col.upsert([f"doc {i}" for i in range(N)], ids=ids, metadata=metas, vectors=col.vecs)
+    arg: Any = [probe, strs[1]] if op in ("$in", "$nin") else probe
+    flt = {name: {op: arg}}
+    want = {i for i, m in zip(ids, metas) if oracle(flt, m)}
+    got = {h.id for h in col.search("q", k=N, candidates=N, rerank=False, filter=flt).hits}
+    assert got == want, flt
+    assert all(ord(c) < 128 for c in compile_filter(_filters.parse(flt)))  # every literal escaped to ASCII
+
+
+def test_integers_beyond_double_precision_are_refused_by_milvus(col):
+    if col.backend == "embedded":  # SQLite compares them exactly
+        col.upsert(["t"], ids=["big"], metadata=[{"n": 2**53 + 1}], vectors=col.vecs[:1])
+        assert [h.id for h in col.search("q", k=N, candidates=N, rerank=False, filter={"n": 2**53 + 1}).hits] == ["big"]
+        col.delete(["big"])
+        return
+    before = (len(col), col.chunk_count)
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        col.upsert(["t"], ids=["big"], metadata=[{"n": 2**53 + 1}], vectors=col.vecs[:1])
+    with pytest.raises(FilterError, match="2\\*\\*53"):
+        col.search("q", filter={"n": {"$gt": -(2**60)}}, rerank=False)
+    assert (len(col), col.chunk_count) == before and "big" not in col
 
 
 def test_documented_semantics(col):
@@ -149,6 +213,7 @@ def test_documented_semantics(col):
     assert ids({"$or": [{"n": 2}, {"n": True}], "n": {"$exists": True}}) == {2, 7}
 
 
+@pytest.mark.parametrize("col", ["embedded"], indirect=True)  # the SQL plan of the embedded store
 def test_selective_conditions_read_an_index(col):
     db = col._reader()
     for flt in ({"a": 1}, {"a": {"$gte": 1, "$lt": 3}}, {"a": {"$in": ["x", 2]}}, {"$or": [{"a": 1}, {"b": "x"}]}):

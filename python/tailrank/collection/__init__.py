@@ -40,6 +40,11 @@ own and applies the writes it lacks (O(their change)), unless a thread of this p
 writing or checkpointing right then, in which case the next search does; :meth:`refresh` does
 it on request. A search therefore sees every write committed before it started, except while
 this process itself is busy writing or checkpointing.
+
+The Milvus backend (``milvus://HOST:PORT/NAME``; ``_location``, ``_milvus``, ``_milvus_expr``)
+is the same class over a Milvus collection: one row per chunk with its vector, reranker tokens,
+text and metadata, the manifest in the side collection ``NAME__tailrank``; no files, locks or
+checkpoints here (Milvus persists and indexes), consistency from the URI (default Strong).
 """
 
 from ._collection import CHECKPOINT_FRACTION, CHECKPOINT_MIN_CHUNKS, Collection

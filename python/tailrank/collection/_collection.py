@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..index import VectorIndex
 from ..pairs import retrieve_and_assemble
-from . import _checkpoints, _filters, _log
+from . import _checkpoints, _filters, _location, _log
 from ._chunking import Chunker
 from ._fresh import Fresh
 from ._fusion import Fusion, FusionMethod, fuse_scored
@@ -150,10 +150,15 @@ class Collection:
             ef_construction: HNSW build beam width.
             threads: Threads for models and index builds (default: all cores).
 
+        ``path`` may also be a Milvus URI, ``milvus://HOST:PORT/NAME`` (see
+        :mod:`tailrank.collection._location`): the same collection with its chunks in Milvus.
+
         Raises:
-            FileExistsError: ``path`` already holds files.
+            FileExistsError: ``path`` already holds files (a Milvus collection of that name exists).
+            StoreURIError: ``path`` is a URI of an unknown scheme or a malformed Milvus URI.
+            BackendError: The Milvus server cannot be reached or fails.
         """
-        root = Path(path)
+        where = _location.parse(path)
         if metric not in ("cosine", "ip", "l2"):
             raise ValueError(f'metric must be "cosine", "ip" or "l2", got {metric!r}')
         if chunk_tokens is not None:
@@ -161,6 +166,13 @@ class Collection:
         overlap = positive_int(chunk_overlap, "chunk_overlap", minimum=0)
         if overlap and (chunk_tokens is None or overlap >= chunk_tokens):
             raise ValueError(f"chunk_overlap ({overlap}) must be smaller than chunk_tokens ({chunk_tokens})")
+        if isinstance(where, _location.MilvusURI):
+            from ._milvus import MilvusCollection
+
+            return MilvusCollection.create_at(where, embedder=embedder, reranker=reranker, metric=metric,
+                                              chunk_tokens=chunk_tokens, chunk_overlap=overlap, M=int(M),
+                                              ef_construction=int(ef_construction), threads=threads)
+        root = where
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise FileExistsError(f"{root} exists and is not an empty folder; use Collection.open")
         emb = as_embedder(embedder, threads)
@@ -205,8 +217,14 @@ class Collection:
             FileNotFoundError: No collection at ``path``.
             CorruptFileError: A damaged manifest, index, DocStore or database.
             ModelMismatchError: A model other than the collection's.
+            StoreURIError / BackendError: As for :meth:`create`.
         """
-        root = Path(path)
+        where = _location.parse(path)
+        if isinstance(where, _location.MilvusURI):
+            from ._milvus import MilvusCollection
+
+            return MilvusCollection.open_at(where, embedder=embedder, reranker=reranker, threads=threads)
+        root = where
         if not (root / MANIFEST).is_file():
             raise FileNotFoundError(f"no collection at {root} (no {MANIFEST})")
         manifest = read_manifest(root)
@@ -217,6 +235,20 @@ class Collection:
             rr_src = rec if rec.is_dir() else None
         rr = as_reranker(rr_src, threads)
         return cls._load(root, emb, rr, threads)
+
+    @staticmethod
+    def exists(path: str | os.PathLike[str]) -> bool:
+        """Whether a collection is at ``path`` (a folder or a Milvus URI)."""
+        where = _location.parse(path)
+        if isinstance(where, _location.MilvusURI):
+            from ._milvus import read_manifest as read_remote
+
+            try:
+                read_remote(where)
+            except FileNotFoundError:
+                return False
+            return True
+        return (where / MANIFEST).is_file()
 
     @classmethod
     def _load(cls, root: Path, emb: Embedder, rr: CrossEncoder | None, threads: int | None) -> Collection:
@@ -859,12 +891,16 @@ class Collection:
         candidates = max(positive_int(candidates, "candidates"), k)
         if ef is not None:
             ef = positive_int(ef, "ef")
-        docs_sql, params = _filters.to_sql(_filters.parse(filter)) if filter is not None else (None, [])
-        where = (docs_sql, params) if docs_sql is not None else None
+        where = self._where(_filters.parse(filter)) if filter is not None else None
         do_rerank = bool(rerank) and self.reranker is not None and self._has_store
         if rerank and not do_rerank:
             raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
         return SearchPlan(query, k, candidates, where, do_rerank, ef, fz)
+
+    def _where(self, node: _filters.Node) -> tuple[str, list[Any]] | None:
+        """A parsed filter in the store's query language (here SQL and its parameters; None: all)."""
+        docs_sql, params = _filters.to_sql(node)
+        return (docs_sql, params) if docs_sql is not None else None
 
     def first_stage(
         self,
@@ -930,6 +966,8 @@ class Collection:
             t0: ``time.perf_counter()`` at the search's start (``timings["total"]``).
         """
         t0 = time.perf_counter() if t0 is None else t0
+        if truncated is not None and cands.cut is not None:
+            truncated = np.asarray(truncated, dtype=bool) | cands.cut
         if scores is None or cands.keys.size == 0:
             return build_result(cands.keys, cands.first, cands.info, [], None, None, False, cands.timings, t0, plan.k)
         mask = np.ones(cands.keys.size, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)

@@ -74,6 +74,7 @@ class Candidates:
     docs: list[npt.NDArray[np.int32]] | None
     assembly: Any
     timings: dict[str, float]
+    cut: npt.NDArray[np.bool_] | None = None  # tokens a store dropped that a pair could hold (-> truncated)
 
 
 def ms(t: float) -> float:

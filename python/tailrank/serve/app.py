@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
 from .._validate import positive_int
-from ..errors import ModelError
+from ..errors import BackendError, ModelError
 from .admission import Admission
 from .errors import ServeError, error_of, error_response
 from .executor import Executor, calibrate_reranker
@@ -82,10 +82,18 @@ def _open_collection(path: str | os.PathLike[str], model: Any, threads: int | No
     """The collection at ``path`` with the served reranker and its embedder built for serving:
     no spinning threads, and the scoring priority below the event loop (as the reranker)."""
     from ..collection import Collection  # type: ignore[import-not-found,unused-ignore]
+    from ..collection import _location
     from ..collection._manifest import read_manifest, recorded_dir
     from ..embedder import Embedder
 
-    emb = Embedder(recorded_dir(read_manifest(Path(path)), "embedder"), threads=threads, spin=False, nice=nice)
+    where = _location.parse(path)
+    if isinstance(where, _location.MilvusURI):  # the manifest lives in Milvus; the models on this machine
+        from ..collection._milvus import recorded_model_dir
+
+        rec = recorded_model_dir(where, "embedder")
+    else:
+        rec = recorded_dir(read_manifest(Path(where)), "embedder")
+    emb = Embedder(rec, threads=threads, spin=False, nice=nice)
     return Collection.open(path, embedder=emb, reranker=cast(Any, model))
 
 
@@ -229,6 +237,10 @@ def create_app(
     @app.exception_handler(ServeError)
     async def _on_serve_error(request: Request, exc: ServeError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(BackendError)
+    async def _on_backend(request: Request, exc: BackendError) -> JSONResponse:  # the collection's store is down
+        return error_response(error_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

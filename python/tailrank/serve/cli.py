@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
         "batching, per-request deadlines and admission control. OpenAPI docs at /docs.",
     )
     s.add_argument("--reranker", required=True, help="cross-encoder model directory (from `tailrank export`)")
-    s.add_argument("--collection", default=None, help="collection directory served at POST /search")
+    s.add_argument("--collection", default=None, help="collection directory or milvus://HOST:PORT/NAME served at POST /search")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument(

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ..errors import LimitError, ModelError
+from ..errors import BackendError, LimitError, ModelError
 
 __all__ = ["ServeError", "Rejected", "BatchFailed", "error_of", "error_response", "send_error"]
 
@@ -56,6 +56,8 @@ def error_of(e: BaseException) -> ServeError:
         return ServeError(422, f"invalid request: {where}", "validation")
     if isinstance(e, LimitError):
         return ServeError(413, str(e), "limit")
+    if isinstance(e, BackendError):  # the collection's store (Milvus) is down or failing: retry elsewhere
+        return ServeError(503, str(e), "backend_unavailable", {"Retry-After": "1"})
     if isinstance(e, ModelError):  # at request time: asked for a model the server does not hold
         return ServeError(422, str(e), "validation")
     if isinstance(e, BatchFailed):
