@@ -51,6 +51,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .deps import DependencyError
     from .suite import BenchConfig, run_bench, write_outputs
 
     cfg = BenchConfig(
@@ -65,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tailrank bench: {e}", file=sys.stderr)
         return 2
-    res = run_bench(cfg)
+    try:
+        res = run_bench(cfg)
+    except DependencyError as e:
+        print(f"tailrank bench: {e}", file=sys.stderr)
+        return 2
     paths = write_outputs(res, args.out)
     print((paths[1]).read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

@@ -63,6 +63,8 @@ def markdown(res: dict[str, Any]) -> str:
         "## Library mode",
         "",
     ]
+    if res.get("not_installed"):
+        out += [f"Note: {res['not_installed']}.", ""]
     rates = res.get("matmul_gflops") or {}
     if rates:
         out += ["Matmul rate measured in this run (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), ""]
@@ -129,7 +131,10 @@ def markdown(res: dict[str, Any]) -> str:
                 "x its candidates. Goodput: full (not degraded) 200 responses per second.", "",
                 markdown_table(["rate req/s", "offered", "ok", "429 rate", "goodput req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"],
                                srows)]
-    out += ["", "Plots: " + ", ".join(res.get("plots", [])) if res.get("plots") else ""]
+    if res.get("plots_skipped"):
+        out += ["", f"Plots: none, {res['plots_skipped']}."]
+    else:
+        out += ["", "Plots: " + ", ".join(res.get("plots", [])) if res.get("plots") else ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -11,18 +11,19 @@ import dataclasses
 import gc
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import peers
+from . import deps, peers
 from .fidelity import ranking_agreement
 from .floor import floor_rate, matmul_rates, real_token_flops, request_lengths
 from .machine import machine_info
 from .measure import Scorer, insufficient, percentiles_ms
-from .models import PRECISIONS, prepare_precision, prepare_reranker
+from .models import PRECISIONS, has_onnx, prepare_precision, prepare_reranker
 from .report import markdown, plot_latency_cdf, plot_latency_vs_load, plot_speed_vs_quality, write_json, write_text
 from .workload import Workload, corpus_file_hash, first_stage, load_corpus, load_qrels_if_any, random_workload
 
@@ -154,6 +155,11 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     from .._ort import cpu_quota
 
     cfg.validate()
+    # Before any work: a missing module named now, not after minutes of measuring.
+    missing = deps.check(export_needed=not has_onnx(Path(cfg.reranker)), precisions=cfg.precisions, peers=cfg.peers,
+                         serve=cfg.serve, quality=True)
+    if missing.note():
+        print(f"tailrank bench: {missing.note()}", file=sys.stderr)
     threads = cfg.threads or cpu_quota()
     out_dir = Path(cfg.out)
     cache = Path(cfg.cache) if cfg.cache else out_dir / "cache"
@@ -263,6 +269,7 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
         "systems": systems,
         "quality": quality,
         "serve": None,
+        "not_installed": missing.note() or None,
     }
     if cfg.serve:
         from .serve import run_serve
@@ -325,9 +332,19 @@ def _quality(cfg: BenchConfig, wl: Workload, scores_of: dict[str, list[np.ndarra
 
 
 def write_outputs(res: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
-    """Writes results.json, report.md and the plots into ``out``; returns their paths."""
+    """Writes results.json and report.md into ``out``, then the plots (and both files again with
+    the plots listed); returns the paths written. Without matplotlib the report says so and there
+    are no plots: the numbers never depend on the plotting library."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results, report = out_dir / "results.json", out_dir / "report.md"
+    if not deps.have("matplotlib"):
+        res["plots"] = []
+        res["plots_skipped"] = f"matplotlib is not installed: no plots ({deps.BENCH_EXTRA})"
+    write_json(results, res)
+    write_text(report, markdown(res))
+    if "plots_skipped" in res:
+        return [results, report]
     plots: list[Path] = []
     ran = {k: v for k, v in res["systems"].items() if "raw_ns" in v}
     if ran:
@@ -348,6 +365,6 @@ def write_outputs(res: dict[str, Any], out: str | os.PathLike[str]) -> list[Path
         plots.append(out_dir / "speed_vs_quality.png")
         plot_speed_vs_quality(points, label, plots[-1])
     res["plots"] = [p.name for p in plots]
-    write_json(out_dir / "results.json", res)
-    write_text(out_dir / "report.md", markdown(res))
-    return [out_dir / "results.json", out_dir / "report.md", *plots]
+    write_json(results, res)
+    write_text(report, markdown(res))
+    return [results, report, *plots]
