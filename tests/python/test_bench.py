@@ -246,3 +246,50 @@ def test_bench_writes_numbers_before_plots(tmp_path: Path, monkeypatch: pytest.M
         suite.write_outputs(res, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["systems"]["a"]["raw_ns"] == [1, 2]
     assert (tmp_path / "report.md").read_text() == "report of a"
+
+
+def test_bench_reports_why_a_backend_peer_cannot_run(bert: tuple[Path, Path], beir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tailrank.cli import main
+
+    hf_dir, onnx_dir = bert
+    monkeypatch.setitem(sys.modules, "optimum", None)  # optimum absent: both backends need it
+    out = tmp_path / "out"
+    argv = ["bench", "--reranker", str(onnx_dir), "--reranker-hf", str(hf_dir), "--dataset", str(beir),
+            "--candidates", "4", "--queries", "2", "--threads", "1", "--precisions", "fp32",
+            "--peers", "st-onnx-O2,st-openvino-qint8", "--warmup", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    for name in ("st-onnx-O2", "st-openvino-qint8"):
+        reason = res["systems"][name]["skipped"]
+        assert "ptimum" in reason, reason  # names the package, not dropped silently
+    assert "optimum" in res["not_installed"]
+
+
+def test_import_failure_tells_missing_from_conflicting() -> None:
+    from tailrank.bench.suite import _import_failure
+
+    assert _import_failure(ImportError("x", name="no_such_package_xyz.sub")) == "not installed (no_such_package_xyz)"
+    got = _import_failure(ImportError("cannot import name 'is_offline_mode'", name="json.decoder"))
+    assert got.startswith("import failed, a dependency conflict") and "is_offline_mode" in got
+    assert _import_failure(ImportError("Using the ONNX backend requires optimum")).startswith("cannot import: Using")
+
+
+def test_floor_probes_name_the_kernel_that_set_each_rate() -> None:
+    from tailrank.bench.floor import floor_rate, matmul_probes, matmul_rates
+
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    probes = matmul_probes(config, 1, ("fp32", "int8"))
+    for p, r in probes.items():
+        assert r["rate"] == max(r["kernels"].values()) and r["kernels"][r["kernel"]] == r["rate"] > 0, (p, r)
+    # ONNX Runtime's own kernels are probed beside torch's: a slow kernel of one library is no floor
+    assert "onnxruntime MatMul (MLAS fp32)" in probes["fp32"]["kernels"] and "torch fp32 GEMM" in probes["fp32"]["kernels"]
+    assert {"onnxruntime MatMulInteger (MLAS u8 x s8)", "torch _int_mm (s8 x s8)"} <= set(probes["int8"]["kernels"]) or \
+        "onnxruntime MatMulInteger (MLAS u8 x s8)" in probes["int8"]["kernels"]
+    rates = matmul_rates(config, 1, ("fp32",))
+    assert set(rates) == {"fp32"} and rates["fp32"] > 0
+    assert floor_rate({"fp32": 2.0, "int8": 1.0}, "int8") == (2.0, "fp32")
+    with pytest.raises(ValueError, match="no matmul probe"):
+        matmul_probes(config, 1, ("fp8",))

@@ -40,7 +40,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--precisions", type=_csv(str), default=["fp32", "int8"],
                    help=f"tailrank precisions, comma-separated: {','.join(PRECISIONS)} (default fp32,int8)")
     b.add_argument("--peers", type=_csv(str), default=list(PEERS),
-                   help="peers to compare, comma-separated: st,ort,flashrank (default all); missing ones are skipped")
+                   help=f"peers to compare, comma-separated: {','.join(PEERS)} (default all); missing or "
+                   "conflicting ones are skipped with the reason")
     b.add_argument("--serve", action="store_true", help="also run `tailrank serve` under open-loop Poisson load")
     b.add_argument("--rates", type=_csv(float), default=[1.0, 2.0, 4.0], help="serve mode: requests/s (default 1,2,4)")
     b.add_argument("--serve-duration", type=float, default=10.0, help="serve mode: seconds per rate (default 10)")

@@ -55,11 +55,13 @@ def check(*, export_needed: bool, precisions: Sequence[str], peers: Sequence[str
     optional: dict[str, str] = {"matplotlib": "the PNG plots", "torch": "the compute-floor probe"}
     if quality:
         optional["pytrec_eval"] = "nDCG / recall"
-    peer_modules = {"st": ("sentence_transformers", "the sentence-transformers peer"),
-                    "flashrank": ("flashrank", "the FlashRank peer")}
     for p in peers:
-        if p in peer_modules:
-            optional[peer_modules[p][0]] = peer_modules[p][1]
+        if p.startswith("st"):
+            optional["sentence_transformers"] = "the sentence-transformers peers"
+        if p.startswith(("st-onnx", "st-openvino")):
+            optional["optimum"] = "sentence-transformers' ONNX / OpenVINO backends"
+        if p == "flashrank":
+            optional["flashrank"] = "the FlashRank peer"
     if serve:
         optional |= {"fastapi": "serve mode", "uvicorn": "serve mode"}
     missing_required = {m: why for m, why in required.items() if not have(m)}

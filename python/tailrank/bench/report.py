@@ -67,7 +67,10 @@ def markdown(res: dict[str, Any]) -> str:
         out += [f"Note: {res['not_installed']}.", ""]
     rates = res.get("matmul_gflops") or {}
     if rates:
-        out += ["Matmul rate measured in this run (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), ""]
+        kernels = res.get("floor_kernels") or {}
+        out += ["Matmul rate measured in this run (GFLOP/s; the fastest kernel installed for each precision sets its "
+                "floor): " + ", ".join(f"{k} {v:,.0f}" + (f" ({kernels[k]['kernel']})" if k in kernels else "")
+                                       for k, v in rates.items()), ""]
     else:
         out += [f"Compute floor not measured: {res.get('floor_skipped', 'no matmul rate')}", ""]
     rows = []

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import deps, peers
 from .fidelity import ranking_agreement
-from .floor import floor_rate, matmul_rates, real_token_flops, request_lengths
+from .floor import floor_rate, matmul_probes, real_token_flops, request_lengths
 from .machine import machine_info
 from .measure import Scorer, insufficient, percentiles_ms
 from .models import PRECISIONS, has_onnx, prepare_precision, prepare_reranker
@@ -29,8 +29,9 @@ from .workload import Workload, corpus_file_hash, first_stage, load_corpus, load
 
 __all__ = ["BenchConfig", "run_bench", "write_outputs", "PEERS"]
 
-PEERS = ("st", "ort", "flashrank")
-PEER_SYSTEMS = {"st": "st-fp32", "ort": "ort-plain", "flashrank": "flashrank"}
+PEERS = ("st", "st-bf16", *peers.ST_BACKENDS, "ort", "flashrank")
+PEER_SYSTEMS = {"st": "st-fp32", "st-bf16": "st-bf16", **{n: n for n in peers.ST_BACKENDS}, "ort": "ort-plain",
+                "flashrank": "flashrank"}
 REFERENCE = "tailrank-fp32"
 _FIDELITY_QUERIES, _FIDELITY_DOCS = 30, 50  # held-out sample for optimize's gate
 
@@ -126,16 +127,22 @@ def _workload(cfg: BenchConfig, threads: int, cache: Path, embedder: Any) -> tup
 
 
 def _factories(cfg: BenchConfig, model_dirs: dict[str, Path | str], fp32_dir: Path, hf_dir: Path | None, threads: int,
-               max_length: int, cache: Path) -> dict[str, Callable[[], Scorer] | str]:
+               max_length: int, cache: Path, samples: list[tuple[str, list[str]]]) -> dict[str, Callable[[], Scorer] | str]:
     """System name -> factory, or the reason it cannot run (``model_dirs`` holds reasons too)."""
     out: dict[str, Callable[[], Scorer] | str] = {}
     for p, d in model_dirs.items():
         out[f"tailrank-{p}"] = d if isinstance(d, str) else (lambda d=d: peers.TailrankDocStore(d, threads))  # type: ignore[misc]
     for peer in cfg.peers:
         name = PEER_SYSTEMS[peer]
-        if peer == "st":
-            out[name] = (lambda: peers.st_system(hf_dir, threads, max_length)) if hf_dir else (
-                "needs the Hugging Face checkpoint: give --reranker as a checkpoint or pass --reranker-hf")
+        if peer.startswith("st"):
+            if hf_dir is None:
+                out[name] = "needs the Hugging Face checkpoint: give --reranker as a checkpoint or pass --reranker-hf"
+            elif peer in peers.ST_BACKENDS:
+                calibration = [(q, d) for q, docs in samples for d in docs][:300]  # held out, never timed
+                out[name] = (lambda n=peer, c=calibration: peers.st_backend_system(  # type: ignore[misc]
+                    hf_dir, threads, max_length, n, cache / "st", c))
+            else:
+                out[name] = lambda b=peer == "st-bf16": peers.st_system(hf_dir, threads, max_length, bf16=b)  # type: ignore[misc]
         elif peer == "ort":
             out[name] = lambda: peers.ort_plain_system(fp32_dir, threads, max_length)
         else:
@@ -185,13 +192,11 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     lengths, max_length = request_lengths(fp32_dir, requests)
     flops = [real_token_flops(config, lens) for lens in lengths]
     rate_names = sorted({"fp32"} | {PRECISIONS[p] or "fp32" for p, d in model_dirs.items() if not isinstance(d, str)})
-    try:
-        rates = matmul_rates(config, threads, rate_names)
-        floor_skipped = None
-    except ImportError as e:
-        rates, floor_skipped = {}, f"the matmul probe needs torch ({e})"
+    probes = matmul_probes(config, threads, rate_names)
+    rates = {k: v["rate"] for k, v in probes.items()}
+    floor_skipped = None if rates else "no matmul kernel could be probed (torch and onnx are both missing)"
 
-    factories = _factories(cfg, model_dirs, fp32_dir, hf_dir, threads, max_length, cache)
+    factories = _factories(cfg, model_dirs, fp32_dir, hf_dir, threads, max_length, cache, samples)
     all_docs = [d for _, docs in requests for d in docs]
     n_runnable = sum(1 for f in factories.values() if callable(f))
     bar = _Progress(n_runnable * (min(cfg.warmup, len(requests)) + len(requests) * cfg.repeats), cfg.progress)
@@ -209,7 +214,7 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
             except ImportError as e:
                 if name == REFERENCE:
                     raise
-                systems[name] = {"skipped": f"not installed ({e.name or e})"}
+                systems[name] = {"skipped": _import_failure(e)}
                 continue
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this model is reported, not fatal
                 if name == REFERENCE:
@@ -227,11 +232,13 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     if rates:
         # Probed again after the timing: one probe can land on a busy moment (another process,
         # a model's threads winding down) and under-measure; the floor uses the best of both.
-        try:
-            later = matmul_rates(config, threads, sorted(rates))
-            rates = {k: max(v, later.get(k, 0.0)) for k, v in rates.items()}
-        except ImportError:
-            pass
+        later = matmul_probes(config, threads, sorted(rates))
+        for k, v in later.items():
+            for kernel, r in v["kernels"].items():
+                probes[k]["kernels"][kernel] = max(r, probes[k]["kernels"].get(kernel, 0.0))
+            if v["rate"] > probes[k]["rate"]:
+                probes[k].update(rate=v["rate"], kernel=v["kernel"])
+        rates = {k: v["rate"] for k, v in probes.items()}
     for name, lat_ns in timed.items():
         systems[name] = _system_result(name, lat_ns, requests, flops, rates, opt_reports)
 
@@ -264,6 +271,8 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
             **wl_note,
         },
         "matmul_gflops": {k: v / 1e9 for k, v in rates.items()},
+        "floor_kernels": {k: {"kernel": v["kernel"], "gflops": {n: r / 1e9 for n, r in v["kernels"].items()}}
+                          for k, v in probes.items()},
         "floor_skipped": floor_skipped,
         "optimize_fidelity": opt_reports,
         "systems": systems,
@@ -278,6 +287,17 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
         res["serve"] = run_serve(fp32_dir, requests, cfg.rates, duration_s=cfg.serve_duration_s, seed=cfg.seed,
                                  threads=threads, log_file=out_dir / "serve.log")
     return res
+
+
+def _import_failure(e: ImportError) -> str:
+    """Why a system could not import: a missing package, or one that is there but conflicts (its
+    import fails inside, e.g. a release pinned to other transformers versions)."""
+    top = (e.name or "").split(".")[0]
+    if not top:
+        return f"cannot import: {e}"
+    if not deps.have(top):
+        return f"not installed ({top})"
+    return f"import failed, a dependency conflict in this environment: {e}"
 
 
 def _system_result(name: str, lat_ns: list[int], requests: Sequence[Any], flops: list[float], rates: dict[str, float],
