@@ -67,7 +67,7 @@ from tailrank.bench.models import prepare_precision, prepare_reranker  # noqa: E
 from tailrank.bench.workload import random_workload  # noqa: E402
 
 DEFAULT_MODEL = str(Path(DEFAULT_DATA).parent.parent / "models" / "scifact-minilm-l6-ce")
-PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
+PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-int8-static": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
                 "st-openvino-qint8": "int8"}
 # Systems on ONNX Runtime's OpenVINO provider: the onnxruntime-openvino wheel replaces onnxruntime,
 # so unless this process has it they run in a worker process of --openvino-python (same workload,
@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--systems",
-        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-ov-fp32,"
+        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-int8-static,"
+        "tailrank-ov-fp32,"
         "tailrank-bf16,st-fp32,st-bf16," + ",".join(peers.ST_BACKENDS) + ",ort-plain,flashrank",
     )
     p.add_argument("--openvino-python", default=str(DEFAULT_OPENVINO_PYTHON),
@@ -94,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
                    "with the transformers it needs), when they conflict with this environment's")
     p.add_argument("--st-openvino-path", default=None,
                    help="the same for the st-openvino* workers (optimum-intel, openvino, nncf)")
+    p.add_argument("--fidelity-queries", type=int, default=30,
+                   help="held-out claims (x 50 documents) for the optimize gate and calibration (default 30)")
     p.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -107,7 +110,7 @@ def load_workload(data: str, n_queries: int, n_candidates: int, seed: int) -> li
 
 def _fidelity_samples(args: argparse.Namespace) -> list[Request]:
     """Held-out claims (not the timed ones) for the optimize gate."""
-    return load_workload(args.data, args.queries + 30, 50, args.seed + 1)[args.queries :]
+    return load_workload(args.data, args.queries + args.fidelity_queries, 50, args.seed + 1)[args.queries :]
 
 
 def _openvino_factory(name: str, fp32_dir: Path, work: Path, args: argparse.Namespace
@@ -168,7 +171,8 @@ def _in_worker(name: str, work: Path, args: argparse.Namespace, python: str, pat
     cmd = [python, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out_path),
            "--data", args.data, "--model", args.model, "--queries", str(args.queries), "--candidates",
            str(args.candidates), "--repeats", str(args.repeats), "--threads", str(args.threads), "--seed",
-           str(args.seed), "--work", str(work), "--max-length", str(args.max_length)]
+           str(args.seed), "--work", str(work), "--max-length", str(args.max_length), "--fidelity-queries",
+           str(args.fidelity_queries)]
     env = dict(os.environ)
     here = str(Path(__file__).resolve().parent.parent / "python")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (path, here, env.get("PYTHONPATH")) if p)
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = _fidelity_samples(args)
     fidelity: dict[str, Any] = {}
     model_dirs = {"fp32": fp32_dir}
-    for prec in ("opt-fp32", "int8"):
+    for prec in ("opt-fp32", "int8", "int8-static"):
         if f"tailrank-{prec}" not in args.systems:
             continue
         out, rep = prepare_precision(fp32_dir, work, prec, samples=samples, threads=args.threads)
@@ -218,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ort-plain": lambda: peers.ort_plain_system(fp32_dir, args.threads, max_length),
         "flashrank": lambda: peers.flashrank_system(fp32_dir, args.threads, max_length, work / "flashrank"),
     }
-    for prec in ("opt-fp32", "int8"):
+    for prec in ("opt-fp32", "int8", "int8-static"):
         if prec in model_dirs:
             factories[f"tailrank-{prec}"] = (lambda p: lambda: peers.TailrankDocStore(model_dirs[p], args.threads))(prec)
     here = openvino_available()

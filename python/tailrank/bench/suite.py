@@ -191,7 +191,7 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     config = json.loads((fp32_dir / "config.json").read_text(encoding="utf-8"))
     lengths, max_length = request_lengths(fp32_dir, requests)
     flops = [real_token_flops(config, lens) for lens in lengths]
-    rate_names = sorted({"fp32"} | {PRECISIONS[p] or "fp32" for p, d in model_dirs.items() if not isinstance(d, str)})
+    rate_names = sorted({"fp32"} | {_rate_key(p) for p, d in model_dirs.items() if not isinstance(d, str)})
     probes = matmul_probes(config, threads, rate_names)
     rates = {k: v["rate"] for k, v in probes.items()}
     floor_skipped = None if rates else "no matmul kernel could be probed (torch and onnx are both missing)"
@@ -289,6 +289,12 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     return res
 
 
+def _rate_key(precision: str) -> str:
+    """The matmul probe of a benchmark precision (int8 recipes share the int8 kernels' floor)."""
+    target = PRECISIONS.get(precision) or "fp32"
+    return "int8" if target.startswith("int8") else target
+
+
 def _import_failure(e: ImportError) -> str:
     """Why a system could not import: a missing package, or one that is there but conflicts (its
     import fails inside, e.g. a release pinned to other transformers versions)."""
@@ -303,7 +309,7 @@ def _import_failure(e: ImportError) -> str:
 def _system_result(name: str, lat_ns: list[int], requests: Sequence[Any], flops: list[float], rates: dict[str, float],
                    opt_reports: dict[str, Any]) -> dict[str, Any]:
     precision = name.removeprefix("tailrank-") if name.startswith("tailrank-") else "fp32"
-    rate_key = PRECISIONS.get(precision) or "fp32"
+    rate_key = _rate_key(precision)
     pairs_per_pass = sum(len(d) for _, d in requests)
     passes = len(lat_ns) // max(1, len(requests))
     stats = percentiles_ms(lat_ns)
