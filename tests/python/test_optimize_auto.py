@@ -192,27 +192,21 @@ def test_collection_and_serve_take_an_auto_directory(auto_int8: tuple[Path, dict
         assert len(r.json()["results"]) == 5
 
 
-# Seeded random models score pairs with logits ~100x closer together than a trained model's, so
-# rankings there turn on differences below int8's resolution: on them the recipe is held to tau
-# >= 0.9 on held-out pairs (measured 0.94-0.96); the shipping gate (0.95, top-1 95%) is measured on
-# the trained SciFact cross-encoder in benchmarks/README.md, and `optimize` applies it to every run.
-SEEDED_MIN_TAU = 0.9
-
-
-@pytest.mark.parametrize("family", models.FAMILIES)
-def test_static_int8_keeps_rankings_on_every_family(family: str, tmp_path: Path,
-                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_static_int8_is_quantized_and_gated(family: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Static int8 is not a kept recipe (on the SciFact cross-encoder it kept Kendall tau 0.65:
+    # benchmarks/README.md); it stays available behind the gate, which this checks.
     model_dir = models.exported(tmp_path_factory, family, 1)[1]
     calibration = builtin_sample_pairs(model_dir, queries=8, docs=12, seed=0)
     report = optimize(model_dir, tmp_path / "q", precision="int8-static", sample_pairs=calibration, threads=1,
                       force=True)
-    assert report["precision"] == "int8-static" and "passed" in report
-    graph = __import__("onnx").load(str(tmp_path / "q" / "onnx" / "model.onnx"))
-    ops = [n.op_type for n in graph.graph.node]
+    assert report["precision"] == "int8-static"
+    ops = [n.op_type for n in __import__("onnx").load(str(tmp_path / "q" / "onnx" / "model.onnx")).graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops  # activations quantized too, not weights only
-    assert "LayerNormalization" not in ops or all(  # LayerNorm / SkipLayerNorm never take quantized inputs
-        not i.endswith("_DequantizeLinear_Output") for n in graph.graph.node if "LayerNorm" in n.op_type for i in n.input)
-    held_out = builtin_sample_pairs(model_dir, queries=16, docs=12, seed=1)
-    check = fidelity(model_dir, tmp_path / "q", held_out, threads=1)
-    assert check["kendall_tau"] >= SEEDED_MIN_TAU, check
-    assert 0 < check["max_abs_logit_diff"] < 0.5
+    again = fidelity(model_dir, tmp_path / "q", calibration, threads=1)
+    assert again["kendall_tau"] == pytest.approx(report["kendall_tau"]) and again["top1_kept"] == report["top1_kept"]
+    assert report["passed"] == (report["kendall_tau"] >= 0.95 and report["top1_kept"] >= 0.95)
+    with pytest.raises(FidelityError, match="int8-static model below"):
+        optimize(model_dir, tmp_path / "refused", precision="int8-static", sample_pairs=calibration, threads=1,
+                 min_tau=1.5)
+    assert not (tmp_path / "refused").exists()
