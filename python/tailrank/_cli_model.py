@@ -23,6 +23,13 @@ def add_parser(sub: Any) -> None:
     prec = o.add_mutually_exclusive_group()
     prec.add_argument("--int8", action="store_true", help="8-bit weights (MatMulNBits, blockwise) with int8 compute; attention QKV kept fp32")
     prec.add_argument("--fp16", action="store_true", help="float16 weights and compute (float32 inputs/outputs)")
+    prec.add_argument("--int8-static", action="store_true",
+                      help="static int8: weights per channel, activation scales calibrated on --sample-pairs (use pairs "
+                      "from your own corpus); the fused attention, LayerNorm, Softmax and residual adds stay fp32. "
+                      "Gated like every precision (on the SciFact cross-encoder it fails: tau 0.65)")
+    prec.add_argument("--auto", action="store_true",
+                      help="build every precision this machine can run, gate each on fidelity, time each on the sample "
+                      "requests and write the fastest passing one (tailrank.json records the decision)")
     prec.add_argument("--bf16", action="store_true", help="bfloat16 matmuls on ONNX Runtime's OpenVINO provider (needs onnxruntime-openvino; "
                       "CPUs with AVX512-BF16 or AMX)")
     o.add_argument("--force", action="store_true", help="write even below the fidelity thresholds; replace out_dir")
@@ -42,7 +49,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .optimize import FidelityError, Precision, optimize
 
-    precision: Precision = "int8" if args.int8 else "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    if args.auto:
+        from ._auto import optimize_auto
+
+        try:
+            record = optimize_auto(args.model_dir, args.out_dir, force=args.force, sample_pairs=args.sample_pairs,
+                                   min_tau=args.min_tau, min_top1=args.min_top1, threads=args.threads)
+        except FidelityError as e:
+            print(json.dumps(e.report, indent=1))
+            print(f"tailrank optimize: {e}", file=sys.stderr)
+            return 3
+        print(json.dumps(record, indent=1))
+        print(f"tailrank optimize --auto: wrote {record['decision']} to {args.out_dir}", file=sys.stderr)
+        return 0
+    precision: Precision = ("int8" if args.int8 else "int8-static" if args.int8_static else "fp16" if args.fp16
+                            else "bf16" if args.bf16 else "fp32")
     try:
         report = optimize(
             args.model_dir,

@@ -256,9 +256,31 @@ def call_with_lower_priority(fn: Callable[[], _T], steps: Priority) -> _T:
     return out["value"]  # type: ignore[no-any-return]
 
 
+# CPU flags that give a precision its fast kernels (any one of them is enough): int8 dot products
+# (VNNI on AVX-512 or AVX2, AMX, Arm dot product) and bf16 arithmetic (AVX512-BF16, AMX).
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"),
+    "bf16": ("avx512_bf16", "amx_bf16"),
+}
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo "flags" or "Features"; empty where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def read_runtime(model_dir: Path) -> dict[str, Any]:
     """The model directory's run-time settings (``tailrank.json``, written by ``tailrank optimize
-    --bf16``): ``device`` and ``precision``; ``{}`` without the file."""
+    --bf16`` or ``--auto``): ``device`` and ``precision``, and for a model tuned for one ISA,
+    ``requires_cpu_flags`` (any one of them) and ``fallback`` (a graph of the directory for CPUs
+    without them); ``{}`` without the file. Everything is validated: the file is untrusted."""
     path = model_dir / RUNTIME_FILE
     if not path.is_file():
         return {}
@@ -267,7 +289,48 @@ def read_runtime(model_dir: Path) -> dict[str, Any]:
     if device not in DEVICES or precision not in OPENVINO_PRECISIONS:
         raise ModelError(f"{path}: device must be one of {list(DEVICES)} and precision one of "
                          f"{sorted(OPENVINO_PRECISIONS)}, got {device!r} and {precision!r}")
-    return {"device": device, "precision": precision}
+    out: dict[str, Any] = {"device": device, "precision": precision}
+    flags = cfg.get("requires_cpu_flags")
+    if flags is not None:
+        if not isinstance(flags, list) or not flags or not all(isinstance(f, str) and f.isprintable() for f in flags):
+            raise ModelError(f"{path}: requires_cpu_flags must be a non-empty list of flag names, got {flags!r}")
+        out["requires_cpu_flags"] = list(flags)
+    fb = cfg.get("fallback")
+    if fb is not None:
+        rel = fb.get("onnx") if isinstance(fb, dict) else None
+        fb_device, fb_precision = (fb.get("device", "cpu"), fb.get("precision", "fp32")) if isinstance(fb, dict) else (None, None)
+        if (not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts
+                or fb_device not in DEVICES or fb_precision not in OPENVINO_PRECISIONS):
+            raise ModelError(f"{path}: fallback must be {{\"onnx\": a relative path inside the directory, \"device\", "
+                             f"\"precision\"}}, got {fb!r}")
+        if not (model_dir / rel).is_file():
+            raise ModelError(f"{path}: the fallback graph {rel} is missing")
+        out["fallback"] = {"onnx": rel, "device": fb_device, "precision": fb_precision}
+    return out
+
+
+_isa_warned: set[tuple[str, str]] = set()
+_isa_lock = threading.Lock()
+
+
+def isa_fallback(model_dir: Path, runtime: dict[str, Any], flags: frozenset[str]) -> dict[str, Any] | None:
+    """For a model tuned for an ISA this CPU lacks (none of ``requires_cpu_flags`` in ``flags``):
+    its fallback settings (``onnx`` path, ``device``, ``precision``), or None to run it as it is
+    (it still works, slower) when it has no fallback. Logs once per directory and process."""
+    need = runtime.get("requires_cpu_flags")
+    if not need or flags & set(need):
+        return None
+    fb = runtime.get("fallback")
+    key = (str(model_dir.resolve()), ",".join(need))
+    with _isa_lock:
+        first = key not in _isa_warned
+        _isa_warned.add(key)
+    if first:
+        what = (f"scoring its fallback graph {fb['onnx']} ({fb['device']}, {fb['precision']}) instead" if fb else
+                "it has no fallback graph, so it runs as it is, likely slower than fp32")
+        log.warning("tailrank: %s was tuned for a CPU with %s, which this CPU lacks; %s", model_dir,
+                    " or ".join(need), what)
+    return fb
 
 
 def load_session(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from . import _ort
 from ._ort import (
     ORT_FLOAT,
     RUNTIME_FILE,
@@ -252,6 +253,12 @@ class CrossEncoder:
             )
 
         runtime = read_runtime(self.model_dir)
+        fallback = _ort.isa_fallback(self.model_dir, runtime, _ort.cpu_flags())
+        if fallback is not None:  # tuned for an ISA this CPU lacks: the directory's portable graph
+            onnx_path = self.model_dir / fallback["onnx"]
+            runtime = {"device": fallback["device"], "precision": fallback["precision"]}
+        #: The ONNX graph this model scores with (a tuned directory's fallback on CPUs without its ISA).
+        self.onnx_path = onnx_path
         if device == "auto" and runtime.get("device", "auto") != "auto":
             device = runtime["device"]
         precision = runtime.get("precision", "fp32")

@@ -185,3 +185,111 @@ def test_bench_rejects_bad_arguments(beir: Path, tmp_path: Path, capsys: pytest.
 
     assert main(["bench", "--reranker", str(tmp_path), "--dataset", str(beir), "--precisions", "fp8"]) == 2
     assert "unknown precision" in capsys.readouterr().err
+
+
+def test_bench_names_the_extra_before_any_work(bert: tuple[Path, Path], beir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    import tailrank.bench.suite as suite
+    from tailrank.cli import main
+
+    _, onnx_dir = bert
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed: find_spec and import both fail
+    prepared: list[Any] = []
+    monkeypatch.setattr(suite, "prepare_reranker", lambda *a: prepared.append(a))
+    out = tmp_path / "out"
+    argv = ["bench", "--reranker", str(onnx_dir), "--dataset", str(beir), "--precisions", "fp32,int8",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one message
+    assert "onnx" in err and "int8" in err and 'pip install "tailrank[bench]"' in err
+    assert prepared == [] and not out.exists()  # nothing measured, nothing written
+
+
+def test_bench_without_matplotlib_writes_results_and_report(bert: tuple[Path, Path], beir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from tailrank.cli import main
+
+    _, onnx_dir = bert
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    argv = ["bench", "--reranker", str(onnx_dir), "--dataset", str(beir), "--candidates", "4", "--queries", "2",
+            "--threads", "1", "--precisions", "fp32", "--peers", "ort", "--warmup", "0", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib (the PNG plots)" in err and 'pip install "tailrank[bench]"' in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["plots"] == [] and "matplotlib is not installed" in res["plots_skipped"]
+    assert "matplotlib" in res["not_installed"]
+    assert res["systems"]["tailrank-fp32"]["samples"] == 2 and res["systems"]["ort-plain"]["samples"] == 2
+    report = (out / "report.md").read_text()
+    assert "Plots: none, matplotlib is not installed" in report and "tailrank-fp32" in report
+    assert not list(out.glob("*.png"))
+
+
+def test_bench_writes_numbers_before_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailrank.bench.suite as suite
+
+    def broken_plot(*args: Any) -> None:
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(suite, "plot_latency_cdf", broken_plot)
+    res = {"systems": {"a": {"raw_ns": [1, 2], "pairs_per_s": 1.0}}, "quality": {}, "serve": None}
+    monkeypatch.setattr(suite, "markdown", lambda r: "report of " + ",".join(r["systems"]))
+    with pytest.raises(RuntimeError, match="plot failed"):
+        suite.write_outputs(res, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["systems"]["a"]["raw_ns"] == [1, 2]
+    assert (tmp_path / "report.md").read_text() == "report of a"
+
+
+def test_bench_reports_why_a_backend_peer_cannot_run(bert: tuple[Path, Path], beir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tailrank.cli import main
+
+    hf_dir, onnx_dir = bert
+    monkeypatch.setitem(sys.modules, "optimum", None)  # optimum absent: both backends need it
+    out = tmp_path / "out"
+    argv = ["bench", "--reranker", str(onnx_dir), "--reranker-hf", str(hf_dir), "--dataset", str(beir),
+            "--candidates", "4", "--queries", "2", "--threads", "1", "--precisions", "fp32",
+            "--peers", "st-onnx-O2,st-openvino-qint8", "--warmup", "0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    for name in ("st-onnx-O2", "st-openvino-qint8"):
+        reason = res["systems"][name]["skipped"]
+        assert "ptimum" in reason, reason  # names the package, not dropped silently
+    assert "optimum" in res["not_installed"]
+
+
+def test_import_failure_tells_missing_from_conflicting() -> None:
+    from tailrank.bench.suite import _import_failure
+
+    assert _import_failure(ImportError("x", name="no_such_package_xyz.sub")) == "not installed (no_such_package_xyz)"
+    got = _import_failure(ImportError("cannot import name 'is_offline_mode'", name="json.decoder"))
+    assert got.startswith("import failed, a dependency conflict") and "is_offline_mode" in got
+    assert _import_failure(ImportError("Using the ONNX backend requires optimum")).startswith("cannot import: Using")
+
+
+def test_floor_probes_name_the_kernel_that_set_each_rate() -> None:
+    from tailrank.bench.floor import floor_rate, matmul_probes, matmul_rates
+
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    probes = matmul_probes(config, 1, ("fp32", "int8"))
+    for p, r in probes.items():
+        assert r["rate"] == max(r["kernels"].values()) and r["kernels"][r["kernel"]] == r["rate"] > 0, (p, r)
+    # ONNX Runtime's own kernels are probed beside torch's: a slow kernel of one library is no floor
+    assert "onnxruntime MatMul (MLAS fp32)" in probes["fp32"]["kernels"] and "torch fp32 GEMM" in probes["fp32"]["kernels"]
+    assert {"onnxruntime MatMulInteger (MLAS u8 x s8)", "torch _int_mm (s8 x s8)"} <= set(probes["int8"]["kernels"]) or \
+        "onnxruntime MatMulInteger (MLAS u8 x s8)" in probes["int8"]["kernels"]
+    rates = matmul_rates(config, 1, ("fp32",))
+    assert set(rates) == {"fp32"} and rates["fp32"] > 0
+    assert floor_rate({"fp32": 2.0, "int8": 1.0}, "int8") == (2.0, "fp32")
+    with pytest.raises(ValueError, match="no matmul probe"):
+        matmul_probes(config, 1, ("fp8",))

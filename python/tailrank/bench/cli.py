@@ -40,7 +40,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--precisions", type=_csv(str), default=["fp32", "int8"],
                    help=f"tailrank precisions, comma-separated: {','.join(PRECISIONS)} (default fp32,int8)")
     b.add_argument("--peers", type=_csv(str), default=list(PEERS),
-                   help="peers to compare, comma-separated: st,ort,flashrank (default all); missing ones are skipped")
+                   help=f"peers to compare, comma-separated: {','.join(PEERS)} (default all); missing or "
+                   "conflicting ones are skipped with the reason")
     b.add_argument("--serve", action="store_true", help="also run `tailrank serve` under open-loop Poisson load")
     b.add_argument("--rates", type=_csv(float), default=[1.0, 2.0, 4.0], help="serve mode: requests/s (default 1,2,4)")
     b.add_argument("--serve-duration", type=float, default=10.0, help="serve mode: seconds per rate (default 10)")
@@ -51,6 +52,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .deps import DependencyError
     from .suite import BenchConfig, run_bench, write_outputs
 
     cfg = BenchConfig(
@@ -65,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tailrank bench: {e}", file=sys.stderr)
         return 2
-    res = run_bench(cfg)
+    try:
+        res = run_bench(cfg)
+    except DependencyError as e:
+        print(f"tailrank bench: {e}", file=sys.stderr)
+        return 2
     paths = write_outputs(res, args.out)
     print((paths[1]).read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

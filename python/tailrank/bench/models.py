@@ -11,10 +11,10 @@ from typing import Any
 from .._ort import file_fingerprint
 from ..errors import ModelError
 
-__all__ = ["fingerprint", "prepare_reranker", "prepare_precision", "PRECISIONS"]
+__all__ = ["fingerprint", "prepare_reranker", "prepare_precision", "PRECISIONS", "has_onnx"]
 
 # Benchmark precision name -> tailrank.optimize precision; "fp32" is the exported model as is.
-PRECISIONS = {"fp32": None, "opt-fp32": "fp32", "int8": "int8", "fp16": "fp16", "bf16": "bf16"}
+PRECISIONS = {"fp32": None, "opt-fp32": "fp32", "int8": "int8", "int8-static": "int8-static", "fp16": "fp16", "bf16": "bf16"}
 
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
@@ -25,7 +25,8 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256((names + "\0" + file_fingerprint(*files)).encode()).hexdigest()[:16]
 
 
-def _has_onnx(d: Path) -> bool:
+def has_onnx(d: Path) -> bool:
+    """Whether ``d`` holds an ONNX graph (a model directory, not a checkpoint)."""
     return (d / "onnx" / "model.onnx").is_file() or (d / "model.onnx").is_file()
 
 
@@ -38,10 +39,10 @@ def prepare_reranker(reranker: str | os.PathLike[str], cache: str | os.PathLike[
     src = Path(reranker)
     if not src.is_dir():
         raise ModelError(f"reranker directory not found: {src}")
-    if _has_onnx(src):
+    if has_onnx(src):
         return src, None
     out = Path(cache) / fingerprint(src) / "fp32"
-    if not _has_onnx(out):
+    if not has_onnx(out):
         from ..export import export
 
         export(src, out, force=True)

@@ -8,6 +8,8 @@ their package is missing; callers report that as skipped.
                        (the product path); call :meth:`TailrankDocStore.ingest` before timing.
   tailrank (texts)     tailrank.CrossEncoder on raw texts with its token cache off.
   st                   sentence-transformers CrossEncoder (PyTorch), batch_size 32.
+  st-onnx*, st-openvino*  sentence-transformers CrossEncoder on its ONNX / OpenVINO backends,
+                       exported with its own helpers (O1-O4, dynamic int8, OpenVINO static int8).
   ort                  plain onnxruntime on the same graph: tokenizers ``encode_batch``, pairs in
                        input order, batches of 32 padded to their longest pair.
   flashrank            FlashRank's Ranker pointed at the same ONNX graph (offline), its session
@@ -34,6 +36,8 @@ __all__ = [
     "flashrank_system",
     "PEER_BATCH",
     "time_system",
+    "ST_BACKENDS",
+    "st_backend_system",
 ]
 
 from .measure import Request, Scorer, time_requests
@@ -197,3 +201,106 @@ def time_system(
     if isinstance(fn, TailrankDocStore):
         fn.ingest([d for _, docs in requests for d in docs])
     return time_requests(fn, requests, warmup=warmup, repeats=repeats, progress=progress)
+
+
+# --- sentence-transformers' own backends -------------------------------------------------------
+# CrossEncoder(backend="onnx" | "openvino") runs through optimum (optimum-onnx / optimum-intel),
+# whose releases pin transformers ranges of their own: where they conflict with this environment's
+# the suite runs these in a worker process over an overlay of compatible packages (see
+# benchmarks/bench_scorer.py --st-onnx-path / --st-openvino-path).
+ST_BACKENDS = {
+    "st-onnx": ("onnx", None),
+    "st-onnx-O1": ("onnx", "O1"),
+    "st-onnx-O2": ("onnx", "O2"),
+    "st-onnx-O3": ("onnx", "O3"),
+    "st-onnx-O4": ("onnx", "O4"),
+    "st-onnx-qint8": ("onnx", "qint8"),
+    "st-openvino": ("openvino", None),
+    "st-openvino-qint8": ("openvino", "qint8"),
+}
+
+
+def _checkpoint_copy(hf_dir: Path, work: Path) -> Path:
+    """A writable copy of the checkpoint (sentence-transformers saves its exports next to it)."""
+    dst = work / "st-checkpoint"
+    if not (dst / "config.json").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in hf_dir.iterdir():
+            if f.is_file():
+                shutil.copy(f, dst / f.name)
+    return dst
+
+
+def st_backend_system(
+    hf_dir: str | os.PathLike[str], threads: int, max_length: int, name: str, work: str | os.PathLike[str],
+    calibration: Sequence[tuple[str, str]] = (),
+) -> Any:
+    """sentence-transformers CrossEncoder on one of its backends (``ST_BACKENDS[name]``), exported
+    with its own helpers into a copy of the checkpoint under ``work``: ``export_optimized_onnx_model``
+    (O1-O4), ``export_dynamic_quantized_onnx_model`` ("avx512_vnni") and, for OpenVINO static int8,
+    what ``export_static_quantized_openvino_model`` does (OVQuantizer, default OVQuantizationConfig,
+    pairs padded to 384 tokens) with ``calibration`` pairs in place of its default GLUE download."""
+    import onnxruntime as ort
+    import transformers
+    from sentence_transformers import CrossEncoder
+
+    transformers.logging.disable_progress_bar()
+    backend, variant = ST_BACKENDS[name]
+    ckpt = _checkpoint_copy(Path(hf_dir), Path(work))
+    kwargs: dict[str, Any] = {}
+    if backend == "onnx":
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        kwargs = {"provider": "CPUExecutionProvider", "session_options": so}
+    else:
+        kwargs = {"ov_config": {"INFERENCE_NUM_THREADS": str(threads)}}
+    if variant is None:
+        model = CrossEncoder(str(ckpt), device="cpu", max_length=max_length, backend=backend, model_kwargs=kwargs)
+    elif backend == "onnx":
+        file_name = f"onnx/model_{variant}.onnx" if variant != "qint8" else "onnx/model_qint8_avx512_vnni.onnx"
+        if not (ckpt / file_name).is_file():
+            from sentence_transformers import export_dynamic_quantized_onnx_model, export_optimized_onnx_model
+
+            base = CrossEncoder(str(ckpt), device="cpu", max_length=max_length, backend="onnx", model_kwargs=kwargs)
+            if variant == "qint8":
+                export_dynamic_quantized_onnx_model(base, "avx512_vnni", str(ckpt))
+            else:
+                export_optimized_onnx_model(base, variant, str(ckpt))
+        model = CrossEncoder(str(ckpt), device="cpu", max_length=max_length, backend="onnx",
+                             model_kwargs={**kwargs, "file_name": file_name})
+    else:
+        file_name = "openvino/openvino_model_qint8_quantized.xml"
+        if not (ckpt / file_name).is_file():
+            _st_openvino_static_int8(ckpt, max_length, kwargs, calibration)
+        model = CrossEncoder(str(ckpt), device="cpu", max_length=max_length, backend="openvino",
+                             model_kwargs={**kwargs, "file_name": file_name})
+
+    def run(query: str, docs: list[str]) -> F32:
+        got = model.predict([(query, d) for d in docs], batch_size=PEER_BATCH, show_progress_bar=False)
+        return np.asarray(got, dtype=np.float32)
+
+    return run
+
+
+def _st_openvino_static_int8(ckpt: Path, max_length: int, kwargs: dict[str, Any], calibration: Sequence[tuple[str, str]]) -> None:
+    from optimum.intel.openvino import OVConfig, OVQuantizationConfig, OVQuantizer  # isort: skip (named first when missing)
+    import nncf
+    from sentence_transformers import CrossEncoder
+
+    if not calibration:
+        raise ValueError("OpenVINO static int8 needs calibration pairs")
+    base = CrossEncoder(str(ckpt), device="cpu", max_length=max_length, backend="openvino", model_kwargs=kwargs)
+    cfg = OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(calibration)))
+    items = []
+    for q, d in calibration:
+        enc = base.tokenizer(q, d, padding="max_length", max_length=384, truncation=True, return_tensors="np")
+        items.append({k: v for k, v in enc.items()})
+    quantizer = OVQuantizer.from_pretrained(base.model)
+    tmp = ckpt / "openvino-qint8-tmp"
+    quantizer.quantize(nncf.Dataset(items), save_directory=str(tmp), ov_config=cfg)
+    (ckpt / "openvino").mkdir(exist_ok=True)
+    xml = next(tmp.rglob("openvino_model.xml"))  # optimum-intel versions differ in the subfolder
+    shutil.move(str(xml.with_suffix(".bin")), str(ckpt / "openvino" / "openvino_model_qint8_quantized.bin"))
+    shutil.move(str(xml), str(ckpt / "openvino" / "openvino_model_qint8_quantized.xml"))
+    shutil.rmtree(tmp)

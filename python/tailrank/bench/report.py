@@ -63,9 +63,14 @@ def markdown(res: dict[str, Any]) -> str:
         "## Library mode",
         "",
     ]
+    if res.get("not_installed"):
+        out += [f"Note: {res['not_installed']}.", ""]
     rates = res.get("matmul_gflops") or {}
     if rates:
-        out += ["Matmul rate measured in this run (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), ""]
+        kernels = res.get("floor_kernels") or {}
+        out += ["Matmul rate measured in this run (GFLOP/s; the fastest kernel installed for each precision sets its "
+                "floor): " + ", ".join(f"{k} {v:,.0f}" + (f" ({kernels[k]['kernel']})" if k in kernels else "")
+                                       for k, v in rates.items()), ""]
     else:
         out += [f"Compute floor not measured: {res.get('floor_skipped', 'no matmul rate')}", ""]
     rows = []
@@ -129,7 +134,10 @@ def markdown(res: dict[str, Any]) -> str:
                 "x its candidates. Goodput: full (not degraded) 200 responses per second.", "",
                 markdown_table(["rate req/s", "offered", "ok", "429 rate", "goodput req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"],
                                srows)]
-    out += ["", "Plots: " + ", ".join(res.get("plots", [])) if res.get("plots") else ""]
+    if res.get("plots_skipped"):
+        out += ["", f"Plots: none, {res['plots_skipped']}."]
+    else:
+        out += ["", "Plots: " + ", ".join(res.get("plots", [])) if res.get("plots") else ""]
     return "\n".join(out).rstrip() + "\n"
 
 

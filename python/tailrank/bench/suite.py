@@ -11,25 +11,27 @@ import dataclasses
 import gc
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import peers
+from . import deps, peers
 from .fidelity import ranking_agreement
-from .floor import floor_rate, matmul_rates, real_token_flops, request_lengths
+from .floor import floor_rate, matmul_probes, real_token_flops, request_lengths
 from .machine import machine_info
 from .measure import Scorer, insufficient, percentiles_ms
-from .models import PRECISIONS, prepare_precision, prepare_reranker
+from .models import PRECISIONS, has_onnx, prepare_precision, prepare_reranker
 from .report import markdown, plot_latency_cdf, plot_latency_vs_load, plot_speed_vs_quality, write_json, write_text
 from .workload import Workload, corpus_file_hash, first_stage, load_corpus, load_qrels_if_any, random_workload
 
 __all__ = ["BenchConfig", "run_bench", "write_outputs", "PEERS"]
 
-PEERS = ("st", "ort", "flashrank")
-PEER_SYSTEMS = {"st": "st-fp32", "ort": "ort-plain", "flashrank": "flashrank"}
+PEERS = ("st", "st-bf16", *peers.ST_BACKENDS, "ort", "flashrank")
+PEER_SYSTEMS = {"st": "st-fp32", "st-bf16": "st-bf16", **{n: n for n in peers.ST_BACKENDS}, "ort": "ort-plain",
+                "flashrank": "flashrank"}
 REFERENCE = "tailrank-fp32"
 _FIDELITY_QUERIES, _FIDELITY_DOCS = 30, 50  # held-out sample for optimize's gate
 
@@ -125,16 +127,22 @@ def _workload(cfg: BenchConfig, threads: int, cache: Path, embedder: Any) -> tup
 
 
 def _factories(cfg: BenchConfig, model_dirs: dict[str, Path | str], fp32_dir: Path, hf_dir: Path | None, threads: int,
-               max_length: int, cache: Path) -> dict[str, Callable[[], Scorer] | str]:
+               max_length: int, cache: Path, samples: list[tuple[str, list[str]]]) -> dict[str, Callable[[], Scorer] | str]:
     """System name -> factory, or the reason it cannot run (``model_dirs`` holds reasons too)."""
     out: dict[str, Callable[[], Scorer] | str] = {}
     for p, d in model_dirs.items():
         out[f"tailrank-{p}"] = d if isinstance(d, str) else (lambda d=d: peers.TailrankDocStore(d, threads))  # type: ignore[misc]
     for peer in cfg.peers:
         name = PEER_SYSTEMS[peer]
-        if peer == "st":
-            out[name] = (lambda: peers.st_system(hf_dir, threads, max_length)) if hf_dir else (
-                "needs the Hugging Face checkpoint: give --reranker as a checkpoint or pass --reranker-hf")
+        if peer.startswith("st"):
+            if hf_dir is None:
+                out[name] = "needs the Hugging Face checkpoint: give --reranker as a checkpoint or pass --reranker-hf"
+            elif peer in peers.ST_BACKENDS:
+                calibration = [(q, d) for q, docs in samples for d in docs][:300]  # held out, never timed
+                out[name] = (lambda n=peer, c=calibration: peers.st_backend_system(  # type: ignore[misc]
+                    hf_dir, threads, max_length, n, cache / "st", c))
+            else:
+                out[name] = lambda b=peer == "st-bf16": peers.st_system(hf_dir, threads, max_length, bf16=b)  # type: ignore[misc]
         elif peer == "ort":
             out[name] = lambda: peers.ort_plain_system(fp32_dir, threads, max_length)
         else:
@@ -154,6 +162,11 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     from .._ort import cpu_quota
 
     cfg.validate()
+    # Before any work: a missing module named now, not after minutes of measuring.
+    missing = deps.check(export_needed=not has_onnx(Path(cfg.reranker)), precisions=cfg.precisions, peers=cfg.peers,
+                         serve=cfg.serve, quality=True)
+    if missing.note():
+        print(f"tailrank bench: {missing.note()}", file=sys.stderr)
     threads = cfg.threads or cpu_quota()
     out_dir = Path(cfg.out)
     cache = Path(cfg.cache) if cfg.cache else out_dir / "cache"
@@ -178,14 +191,12 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     config = json.loads((fp32_dir / "config.json").read_text(encoding="utf-8"))
     lengths, max_length = request_lengths(fp32_dir, requests)
     flops = [real_token_flops(config, lens) for lens in lengths]
-    rate_names = sorted({"fp32"} | {PRECISIONS[p] or "fp32" for p, d in model_dirs.items() if not isinstance(d, str)})
-    try:
-        rates = matmul_rates(config, threads, rate_names)
-        floor_skipped = None
-    except ImportError as e:
-        rates, floor_skipped = {}, f"the matmul probe needs torch ({e})"
+    rate_names = sorted({"fp32"} | {_rate_key(p) for p, d in model_dirs.items() if not isinstance(d, str)})
+    probes = matmul_probes(config, threads, rate_names)
+    rates = {k: v["rate"] for k, v in probes.items()}
+    floor_skipped = None if rates else "no matmul kernel could be probed (torch and onnx are both missing)"
 
-    factories = _factories(cfg, model_dirs, fp32_dir, hf_dir, threads, max_length, cache)
+    factories = _factories(cfg, model_dirs, fp32_dir, hf_dir, threads, max_length, cache, samples)
     all_docs = [d for _, docs in requests for d in docs]
     n_runnable = sum(1 for f in factories.values() if callable(f))
     bar = _Progress(n_runnable * (min(cfg.warmup, len(requests)) + len(requests) * cfg.repeats), cfg.progress)
@@ -203,7 +214,7 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
             except ImportError as e:
                 if name == REFERENCE:
                     raise
-                systems[name] = {"skipped": f"not installed ({e.name or e})"}
+                systems[name] = {"skipped": _import_failure(e)}
                 continue
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this model is reported, not fatal
                 if name == REFERENCE:
@@ -221,11 +232,13 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     if rates:
         # Probed again after the timing: one probe can land on a busy moment (another process,
         # a model's threads winding down) and under-measure; the floor uses the best of both.
-        try:
-            later = matmul_rates(config, threads, sorted(rates))
-            rates = {k: max(v, later.get(k, 0.0)) for k, v in rates.items()}
-        except ImportError:
-            pass
+        later = matmul_probes(config, threads, sorted(rates))
+        for k, v in later.items():
+            for kernel, r in v["kernels"].items():
+                probes[k]["kernels"][kernel] = max(r, probes[k]["kernels"].get(kernel, 0.0))
+            if v["rate"] > probes[k]["rate"]:
+                probes[k].update(rate=v["rate"], kernel=v["kernel"])
+        rates = {k: v["rate"] for k, v in probes.items()}
     for name, lat_ns in timed.items():
         systems[name] = _system_result(name, lat_ns, requests, flops, rates, opt_reports)
 
@@ -258,11 +271,14 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
             **wl_note,
         },
         "matmul_gflops": {k: v / 1e9 for k, v in rates.items()},
+        "floor_kernels": {k: {"kernel": v["kernel"], "gflops": {n: r / 1e9 for n, r in v["kernels"].items()}}
+                          for k, v in probes.items()},
         "floor_skipped": floor_skipped,
         "optimize_fidelity": opt_reports,
         "systems": systems,
         "quality": quality,
         "serve": None,
+        "not_installed": missing.note() or None,
     }
     if cfg.serve:
         from .serve import run_serve
@@ -273,10 +289,27 @@ def run_bench(cfg: BenchConfig, *, embedder: Any = None) -> dict[str, Any]:
     return res
 
 
+def _rate_key(precision: str) -> str:
+    """The matmul probe of a benchmark precision (int8 recipes share the int8 kernels' floor)."""
+    target = PRECISIONS.get(precision) or "fp32"
+    return "int8" if target.startswith("int8") else target
+
+
+def _import_failure(e: ImportError) -> str:
+    """Why a system could not import: a missing package, or one that is there but conflicts (its
+    import fails inside, e.g. a release pinned to other transformers versions)."""
+    top = (e.name or "").split(".")[0]
+    if not top:
+        return f"cannot import: {e}"
+    if not deps.have(top):
+        return f"not installed ({top})"
+    return f"import failed, a dependency conflict in this environment: {e}"
+
+
 def _system_result(name: str, lat_ns: list[int], requests: Sequence[Any], flops: list[float], rates: dict[str, float],
                    opt_reports: dict[str, Any]) -> dict[str, Any]:
     precision = name.removeprefix("tailrank-") if name.startswith("tailrank-") else "fp32"
-    rate_key = PRECISIONS.get(precision) or "fp32"
+    rate_key = _rate_key(precision)
     pairs_per_pass = sum(len(d) for _, d in requests)
     passes = len(lat_ns) // max(1, len(requests))
     stats = percentiles_ms(lat_ns)
@@ -325,9 +358,19 @@ def _quality(cfg: BenchConfig, wl: Workload, scores_of: dict[str, list[np.ndarra
 
 
 def write_outputs(res: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
-    """Writes results.json, report.md and the plots into ``out``; returns their paths."""
+    """Writes results.json and report.md into ``out``, then the plots (and both files again with
+    the plots listed); returns the paths written. Without matplotlib the report says so and there
+    are no plots: the numbers never depend on the plotting library."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results, report = out_dir / "results.json", out_dir / "report.md"
+    if not deps.have("matplotlib"):
+        res["plots"] = []
+        res["plots_skipped"] = f"matplotlib is not installed: no plots ({deps.BENCH_EXTRA})"
+    write_json(results, res)
+    write_text(report, markdown(res))
+    if "plots_skipped" in res:
+        return [results, report]
     plots: list[Path] = []
     ran = {k: v for k, v in res["systems"].items() if "raw_ns" in v}
     if ran:
@@ -348,6 +391,6 @@ def write_outputs(res: dict[str, Any], out: str | os.PathLike[str]) -> list[Path
         plots.append(out_dir / "speed_vs_quality.png")
         plot_speed_vs_quality(points, label, plots[-1])
     res["plots"] = [p.name for p in plots]
-    write_json(out_dir / "results.json", res)
-    write_text(out_dir / "report.md", markdown(res))
-    return [out_dir / "results.json", out_dir / "report.md", *plots]
+    write_json(results, res)
+    write_text(report, markdown(res))
+    return [results, report, *plots]
