@@ -220,7 +220,7 @@ class Delta:
     pruned_to: int
     add_keys: npt.NDArray[np.int64]
     add_vectors: npt.NDArray[np.float32]
-    add_tokens: list[npt.NDArray[np.int32]] | None
+    add_tokens: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None  # DocStore (flat, offsets)
     deleted: npt.NDArray[np.int64]
 
 
@@ -288,13 +288,15 @@ def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, 
     )
 
 
-def _split_tokens(blobs: list[bytes], vocab: int | None) -> list[npt.NDArray[np.int32]]:
-    """Token-id blobs (lengths checked in SQL) as arrays, every id checked in one pass."""
+def _split_tokens(blobs: list[bytes], vocab: int | None) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+    """Token-id blobs (lengths checked in SQL) as one DocStore ``(flat, offsets)`` pair, every
+    id checked in one pass."""
     flat = np.frombuffer(b"".join(blobs), dtype="<i4").astype(np.int32)
     if flat.size and (flat.min() < 0 or (vocab is not None and flat.max() >= vocab)):
         raise _damaged(f"a chunk's reranker tokens are outside the vocabulary [0, {vocab})")
-    cuts = np.cumsum([len(b) // 4 for b in blobs])[:-1] if blobs else []
-    return list(np.split(flat, cuts)) if blobs else []
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // 4, out=offsets[1:])
+    return flat, offsets
 
 
 # --- writing (inside BEGIN IMMEDIATE ... COMMIT, under the writer lock) ---------------------------
