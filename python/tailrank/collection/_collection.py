@@ -488,11 +488,12 @@ class Collection:
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         db = self._reader()
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+        with _log.damage_is_corrupt():
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
 
     def __len__(self) -> int:
         """Number of documents (not chunks)."""

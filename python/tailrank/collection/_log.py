@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,10 @@ def connect(root: Path) -> sqlite3.Connection:
     """A connection in autocommit mode: transactions are explicit (BEGIN / COMMIT)."""
     db = sqlite3.connect(root / DB, isolation_level=None, check_same_thread=False, timeout=60.0)
     db.text_factory = _text
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
-    db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
+    with damage_is_corrupt():
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
+        db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
     return db
 
 
@@ -86,15 +88,36 @@ def _damaged(what: str) -> CorruptFileError:
     return CorruptFileError(f"the collection's database is damaged: {what}")
 
 
+# SQLite's primary result codes for damage (our SQL is fixed: a plain SQL error is a changed schema);
+# busy, locked, I/O and disk-full errors stay what they are.
+_DAMAGE_CODES = {1, 11, 26}  # SQLITE_ERROR, SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def is_damage(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in _DAMAGE_CODES
+
+
+@contextmanager
+def damage_is_corrupt() -> Iterator[None]:
+    """Reads of pages that open did not touch: a malformed page found then is CorruptFileError."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if is_damage(e):
+            raise _damaged(str(e)) from e
+        raise
+    except UnicodeDecodeError as e:  # SQLite's message quoted bytes of the damaged file
+        raise _damaged(f"unreadable ({e})") from e
+
+
 def check_schema(db: sqlite3.Connection) -> None:
     """Every table and column the collection reads exists (once, at open: a few catalog rows)."""
-    try:
+    with damage_is_corrupt():
         for table, want in _COLUMNS.items():
             have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             if not want <= have:
                 raise _damaged(f"table {table} lacks {sorted(want - have)}")
-    except sqlite3.DatabaseError as e:
-        raise _damaged(str(e)) from e
 
 
 def _state_value(key: str, v: Any) -> int:
@@ -122,10 +145,8 @@ def read_state(db: sqlite3.Connection) -> dict[str, int]:
 
 
 def read_seq(db: sqlite3.Connection) -> int:
-    try:
+    with damage_is_corrupt():
         row = db.execute("SELECT value FROM state WHERE key = 'seq'").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise _damaged(str(e)) from e
     if row is None:
         raise CorruptFileError("the collection's database has no 'seq' entry")
     return _state_value("seq", row[0])
@@ -202,12 +223,12 @@ def chunk_info(db: sqlite3.Connection, keys: Sequence[int], chunked: bool) -> di
 
 
 def allowed_keys(db: sqlite3.Connection, docs_sql: str, params: list[Any]) -> npt.NDArray[np.int64]:
-    # A key that is no integer (a damaged row) reads as NULL, which fromiter refuses.
-    q = f"SELECT CASE typeof(key) WHEN 'integer' THEN key END FROM chunks WHERE doc_id IN ({docs_sql})"
+    # A key that is no integer >= 0 (a damaged row) reads as NULL, which fromiter refuses.
+    q = f"SELECT CASE WHEN typeof(key) = 'integer' AND key >= 0 THEN key END FROM chunks WHERE doc_id IN ({docs_sql})"
     try:
         return np.fromiter((r[0] for r in db.execute(q, params)), dtype=np.int64)
     except TypeError:
-        raise _damaged("a chunk's key is not an integer") from None
+        raise _damaged("a chunk's key is not an integer >= 0") from None
 
 
 @dataclass
@@ -256,7 +277,9 @@ def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, 
                 raise _damaged(f"deletion {key!r} is malformed")
             deleted.append(key)
     except sqlite3.DatabaseError as e:
-        raise _damaged(str(e)) from e
+        if is_damage(e):
+            raise _damaged(str(e)) from e
+        raise
     finally:
         db.execute("COMMIT")
     for top in (top_seq, del_seq):  # O(1) through the indexes: no row from a write not yet made
