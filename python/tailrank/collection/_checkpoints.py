@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from .._fileio import fsync_dir
 from ..docstore import DocStore
@@ -71,7 +72,20 @@ def remove_unreferenced(root: Path, keep: set[int]) -> None:
             p.unlink(missing_ok=True)
 
 
-def load_latest(root: Path, db: sqlite3.Connection, with_store: bool) -> tuple[VectorIndex, DocStore | None, int, int]:
+def _check_loaded(root: Path, seq: int, index: VectorIndex, store: DocStore | None, dim: int, metric: str, reranker: Any) -> None:
+    """A checkpoint that loaded whole still has to be this collection's (the one validator of
+    checkpoints beyond the files' own checks): a file from another collection or model is damage."""
+    if index.dim != dim or index.metric != metric:
+        raise CorruptFileError(f"{index_path(root, seq)} holds a {index.dim}-d {index.metric} index; the collection is {dim}-d {metric}")
+    if store is not None and reranker is not None and store.vocab_size != reranker.vocab_size:
+        raise CorruptFileError(
+            f"{store_path(root, seq)} has a vocabulary of {store.vocab_size}; the reranker's is {reranker.vocab_size}"
+        )
+
+
+def load_latest(
+    root: Path, db: sqlite3.Connection, with_store: bool, dim: int, metric: str, reranker: Any = None
+) -> tuple[VectorIndex, DocStore | None, int, int]:
     """Loads the checkpoint the database points at: ``(index, store, seq, next_key)``.
 
     The caller then replays the log after ``seq``; it must check that ``pruned_to <= seq`` in
@@ -87,5 +101,6 @@ def load_latest(root: Path, db: sqlite3.Connection, with_store: bool) -> tuple[V
         except FileNotFoundError as e:  # replaced by a newer checkpoint meanwhile
             last = e
             continue
+        _check_loaded(root, seq, index, store, dim, metric, reranker)
         return index, store, seq, st["checkpoint_next_key"]
     raise CorruptFileError(f"the checkpoint files of the collection at {root} are missing: {last}")

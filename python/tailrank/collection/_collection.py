@@ -289,6 +289,7 @@ class Collection:
         self.checkpoint_error = None
         try:
             self._db = _log.connect(root)
+            _log.check_schema(self._db)
             with self._write_lock:
                 self._reload()
         except sqlite3.DatabaseError as e:
@@ -302,17 +303,20 @@ class Collection:
     def _reload(self) -> None:
         """Loads the newest checkpoint and replays the log after it (a new object each time)."""
         for _ in range(20):
-            index, store, seq, next_key = _checkpoints.load_latest(self.path, self._db, self._has_store)
-            delta = _log.read_delta(self._db, seq, self.dim, self._has_store)
+            index, store, seq, next_key = _checkpoints.load_latest(self.path, self._db, self._has_store, self.dim, self.metric, self.reranker)
+            delta = _log.read_delta(self._db, seq, self.dim, self._has_store, store.vocab_size if store is not None else None)
             if delta.pruned_to <= seq:
                 break
         else:
             raise ConcurrentUseError(f"checkpoints of {self.path} kept changing while it was being opened")
         dead = delta.deleted[delta.deleted < next_key]
-        if dead.size:
-            index.delete(dead)
-            if store is not None:
-                store.delete(dead)
+        try:
+            if dead.size:
+                index.delete(dead)
+                if store is not None:
+                    store.delete(dead)
+        except UnknownIdError as e:  # a deletion of a key the checkpoint lacks: they disagree
+            raise CorruptFileError(f"the checkpoint and the database of {self.path} disagree: {e}") from e
         if store is not None and delta.add_keys.size:
             store.add(delta.add_keys, delta.add_tokens)
         fresh = Fresh(self.dim, self.metric)  # the replayed chunks: searched exactly until indexed
@@ -335,7 +339,9 @@ class Collection:
             return
         if _log.read_seq(self._db) == self._applied:
             return
-        delta = _log.read_delta(self._db, self._applied, self.dim, self._has_store)
+        delta = _log.read_delta(
+            self._db, self._applied, self.dim, self._has_store, self._store.vocab_size if self._store is not None else None
+        )
         if delta.pruned_to > self._applied:  # its deletions are forgotten: start from a checkpoint
             self._reload()
             return
@@ -514,11 +520,12 @@ class Collection:
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         db = self._reader()
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+        with _log.damage_is_corrupt():
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
 
     def __len__(self) -> int:
         """Number of documents (not chunks)."""

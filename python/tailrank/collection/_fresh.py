@@ -32,8 +32,9 @@ class Fresh:
         """Vectors as the graph scores them (outside any lock)."""
         v = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.metric == "cosine" and v.size:
-            norms = np.linalg.norm(v, axis=1, keepdims=True)
-            v = (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+            # Squares summed in float64: a float32 sum overflows from |x| ~ 1e19 (a zero row after).
+            norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))[:, None]
+            v = v * (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         return v.astype(np.float32, copy=False)
 
     def append(self, keys: npt.NDArray[np.int64], prepared: npt.NDArray[np.float32]) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,22 @@ CREATE INDEX fields_by_doc ON fields(doc_id);
 STATE_KEYS = ("seq", "next_key", "chunks", "checkpoint", "checkpoint_next_key", "pruned_to")
 
 
+def _text(raw: bytes) -> str:
+    # Every TEXT value read (we only store valid UTF-8): damaged bytes are a damaged file.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"the collection's database is damaged: a text is not UTF-8 ({raw[:40]!r})") from None
+
+
 def connect(root: Path) -> sqlite3.Connection:
     """A connection in autocommit mode: transactions are explicit (BEGIN / COMMIT)."""
     db = sqlite3.connect(root / DB, isolation_level=None, check_same_thread=False, timeout=60.0)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
-    db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
+    db.text_factory = _text
+    with damage_is_corrupt():
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
+        db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
     return db
 
 
@@ -64,22 +75,81 @@ def create(root: Path) -> None:
         db.close()
 
 
-def read_state(db: sqlite3.Connection) -> dict[str, int]:
+_COLUMNS = {
+    "state": {"key", "value"},
+    "docs": {"doc_id", "text", "metadata"},
+    "chunks": {"key", "doc_id", "start", "end", "seq", "vector", "tokens"},
+    "deleted": {"key", "seq"},
+    "fields": {"doc_id", "name", "kind", "value"},
+}
+
+
+def _damaged(what: str) -> CorruptFileError:
+    return CorruptFileError(f"the collection's database is damaged: {what}")
+
+
+# SQLite's primary result codes for damage (our SQL is fixed: a plain SQL error is a changed schema);
+# busy, locked, I/O and disk-full errors stay what they are.
+_DAMAGE_CODES = {1, 11, 26}  # SQLITE_ERROR, SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def is_damage(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in _DAMAGE_CODES
+
+
+@contextmanager
+def damage_is_corrupt() -> Iterator[None]:
+    """Reads of pages that open did not touch: a malformed page found then is CorruptFileError."""
     try:
-        got = {k: int(v) for k, v in db.execute("SELECT key, value FROM state")}
+        yield
     except sqlite3.DatabaseError as e:
-        raise CorruptFileError(f"the collection's database is damaged: {e}") from e
+        if is_damage(e):
+            raise _damaged(str(e)) from e
+        raise
+    except UnicodeDecodeError as e:  # SQLite's message quoted bytes of the damaged file
+        raise _damaged(f"unreadable ({e})") from e
+
+
+def check_schema(db: sqlite3.Connection) -> None:
+    """Every table and column the collection reads exists (once, at open: a few catalog rows)."""
+    with damage_is_corrupt():
+        for table, want in _COLUMNS.items():
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if not want <= have:
+                raise _damaged(f"table {table} lacks {sorted(want - have)}")
+
+
+def _state_value(key: str, v: Any) -> int:
+    if type(v) is not int or v < 0:
+        raise _damaged(f"state {key!r} is {v!r}, not a count")
+    return v
+
+
+def read_state(db: sqlite3.Connection) -> dict[str, int]:
+    """The state row, each value a count and the write numbers in order (the one validator of
+    ``state``): a checkpoint never newer than the last write nor its key counter ahead."""
+    try:
+        rows = db.execute("SELECT key, value FROM state").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise _damaged(str(e)) from e
+    got = {k: _state_value(k, v) for k, v in rows if k in STATE_KEYS}
     missing = [k for k in STATE_KEYS if k not in got]
     if missing:
         raise CorruptFileError(f"the collection's database has no {missing[0]!r} entry")
+    if not (got["pruned_to"] <= got["checkpoint"] <= got["seq"]) or not (
+        got["checkpoint_next_key"] <= got["next_key"] and got["chunks"] <= got["next_key"]
+    ):
+        raise _damaged(f"its state is out of order: {got}")
     return got
 
 
 def read_seq(db: sqlite3.Connection) -> int:
-    row = db.execute("SELECT value FROM state WHERE key = 'seq'").fetchone()
+    with damage_is_corrupt():
+        row = db.execute("SELECT value FROM state WHERE key = 'seq'").fetchone()
     if row is None:
         raise CorruptFileError("the collection's database has no 'seq' entry")
-    return int(row[0])
+    return _state_value("seq", row[0])
 
 
 def parts(items: Sequence[Any], n: int = _PART) -> Iterable[Sequence[Any]]:
@@ -114,12 +184,26 @@ def next_auto_id(db: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0]) + 1
 
 
+def _doc_row(doc_id: Any, text: Any, meta: Any) -> dict[str, Any]:
+    """A document row as read (the one validator of ``docs``; rows are read per result): its
+    metadata as a dict."""
+    if not (type(doc_id) is str or (type(doc_id) is int and doc_id >= 0)) or type(text) is not str:
+        raise _damaged(f"document {doc_id!r} has a {type(text).__name__} text or a malformed id")
+    try:
+        md = json.loads(meta) if isinstance(meta, str) else None
+    except ValueError:
+        md = None
+    if not isinstance(md, dict):
+        raise _damaged(f"document {doc_id!r} has malformed metadata {meta!r:.80}")
+    return md
+
+
 def get_docs(db: sqlite3.Connection, ids: Sequence[DocId]) -> dict[Any, dict[str, Any]]:
     rows: dict[Any, dict[str, Any]] = {}
     for part in parts(ids):
         q = f"SELECT doc_id, text, metadata FROM docs WHERE doc_id IN ({_marks(len(part))})"
         for doc_id, text, meta in db.execute(q, part):
-            rows[(type(doc_id), doc_id)] = {"id": doc_id, "text": text, "metadata": json.loads(meta)}
+            rows[(type(doc_id), doc_id)] = {"id": doc_id, "text": text, "metadata": _doc_row(doc_id, text, meta)}
     return rows
 
 
@@ -131,13 +215,20 @@ def chunk_info(db: sqlite3.Connection, keys: Sequence[int], chunked: bool) -> di
             f"JOIN docs d ON d.doc_id = c.doc_id WHERE c.key IN ({_marks(len(part))})"
         )
         for key, doc_id, a, b, text, meta in db.execute(q, part):
-            out[int(key)] = (doc_id, text[a:b] if chunked else text, json.loads(meta))
+            md = _doc_row(doc_id, text, meta)
+            if type(a) is not int or type(b) is not int or not 0 <= a <= b <= len(text):
+                raise _damaged(f"chunk {key!r} spans [{a!r}, {b!r}) of a {len(text)}-character text")
+            out[int(key)] = (doc_id, text[a:b] if chunked else text, md)
     return out
 
 
 def allowed_keys(db: sqlite3.Connection, docs_sql: str, params: list[Any]) -> npt.NDArray[np.int64]:
-    q = f"SELECT key FROM chunks WHERE doc_id IN ({docs_sql})"
-    return np.fromiter((r[0] for r in db.execute(q, params)), dtype=np.int64)
+    # A key that is no integer >= 0 (a damaged row) reads as NULL, which fromiter refuses.
+    q = f"SELECT CASE WHEN typeof(key) = 'integer' AND key >= 0 THEN key END FROM chunks WHERE doc_id IN ({docs_sql})"
+    try:
+        return np.fromiter((r[0] for r in db.execute(q, params)), dtype=np.int64)
+    except TypeError:
+        raise _damaged("a chunk's key is not an integer >= 0") from None
 
 
 @dataclass
@@ -150,37 +241,85 @@ class Delta:
     pruned_to: int
     add_keys: npt.NDArray[np.int64]
     add_vectors: npt.NDArray[np.float32]
-    add_tokens: list[npt.NDArray[np.int32]] | None
+    add_tokens: tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] | None  # DocStore (flat, offsets)
     deleted: npt.NDArray[np.int64]
 
 
-def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool) -> Delta:
-    """Everything committed after write ``after``, from one snapshot of the database."""
+def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, vocab: int | None = None) -> Delta:
+    """Everything committed after write ``after``, from one snapshot of the database.
+
+    The one validator of ``chunks`` and ``deleted`` rows, at C speed or vectorized (an open
+    replays up to every row): types and blob lengths in SQL, keys and token ids with numpy.
+    """
+    ok = "typeof(key) = 'integer' AND typeof(seq) = 'integer' AND typeof(vector) = 'blob' AND length(vector) = ?"
+    if with_tokens:
+        ok += " AND typeof(tokens) = 'blob' AND length(tokens) % 4 = 0"
     db.execute("BEGIN")
     try:
         st = read_state(db)
+        top_seq, top_key = db.execute("SELECT max(seq), max(key) FROM chunks").fetchone()
+        del_seq = db.execute("SELECT max(seq) FROM deleted").fetchone()[0]
         keys, vecs, toks = [], [], []
-        for key, vec, tok in db.execute("SELECT key, vector, tokens FROM chunks WHERE seq > ? ORDER BY key", (after,)):
+        for key, vec, tok, good in db.execute(
+            f"SELECT key, vector, tokens, {ok} FROM chunks WHERE seq > ? ORDER BY key", (4 * dim, after)
+        ):
+            if not good:
+                raise _damaged(f"chunk {key!r} has a malformed key, write number, vector or reranker tokens")
             keys.append(key)
             vecs.append(vec)
             if with_tokens:
-                if tok is None:
-                    raise CorruptFileError(f"chunk {key} has no reranker tokens")
-                toks.append(np.frombuffer(tok, dtype="<i4").astype(np.int32))
-        deleted = [r[0] for r in db.execute("SELECT key FROM deleted WHERE seq > ?", (after,))]
+                toks.append(tok)
+        deleted = []
+        for key, good in db.execute(
+            "SELECT key, typeof(key) = 'integer' AND typeof(seq) = 'integer' FROM deleted WHERE seq > ?", (after,)
+        ):
+            if not good:
+                raise _damaged(f"deletion {key!r} is malformed")
+            deleted.append(key)
+    except sqlite3.DatabaseError as e:
+        if is_damage(e):
+            raise _damaged(str(e)) from e
+        raise
     finally:
         db.execute("COMMIT")
+    for top in (top_seq, del_seq):  # O(1) through the indexes: no row from a write not yet made
+        if top is not None and not (type(top) is int and top <= st["seq"]):
+            raise _damaged(f"a row of write {top!r} is past the last write {st['seq']}")
+    if top_key is not None and not (type(top_key) is int and top_key < st["next_key"]):
+        raise _damaged(f"chunk key {top_key!r} is not below the next key {st['next_key']}")
+    add_keys = np.asarray(keys, dtype=np.int64)
+    # Chunks written after the checkpoint took keys from its counter on.
+    lo = st["checkpoint_next_key"] if after == st["checkpoint"] else 0
+    if add_keys.size and (add_keys[0] < lo or (np.diff(add_keys) <= 0).any()):
+        raise _damaged(f"the chunks written after write {after} have keys out of order or below {lo}")
+    dead = np.asarray(deleted, dtype=np.int64)
+    if dead.size and (dead.min() < 0 or dead.max() >= st["next_key"] or np.unique(dead).size != dead.size):
+        raise _damaged(f"the deletions after write {after} name keys never given or twice")
+    add_tokens = _split_tokens(toks, vocab) if with_tokens else None
     mat = np.frombuffer(b"".join(vecs), dtype="<f4").astype(np.float32).reshape(len(vecs), dim)
+    if not np.isfinite(mat).all():
+        raise _damaged(f"a chunk written after write {after} has a non-finite vector")
     return Delta(
         seq=st["seq"],
         next_key=st["next_key"],
         chunks=st["chunks"],
         pruned_to=st["pruned_to"],
-        add_keys=np.asarray(keys, dtype=np.int64),
+        add_keys=add_keys,
         add_vectors=mat,
-        add_tokens=toks if with_tokens else None,
-        deleted=np.asarray(deleted, dtype=np.int64),
+        add_tokens=add_tokens,
+        deleted=dead,
     )
+
+
+def _split_tokens(blobs: list[bytes], vocab: int | None) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+    """Token-id blobs (lengths checked in SQL) as one DocStore ``(flat, offsets)`` pair, every
+    id checked in one pass."""
+    flat = np.frombuffer(b"".join(blobs), dtype="<i4").astype(np.int32)
+    if flat.size and (flat.min() < 0 or (vocab is not None and flat.max() >= vocab)):
+        raise _damaged(f"a chunk's reranker tokens are outside the vocabulary [0, {vocab})")
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // 4, out=offsets[1:])
+    return flat, offsets
 
 
 # --- writing (inside BEGIN IMMEDIATE ... COMMIT, under the writer lock) ---------------------------
