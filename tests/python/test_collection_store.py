@@ -95,6 +95,7 @@ WRITER = MODEL + textwrap.dedent(
     _checkpoints.save = announced_save
     i = col._applied
     state = simulate(i)
+    print(i, flush=True)  # what this open found durable: acknowledged even if killed before a write
     while True:
         kind, ids, texts, metas = step(state, i)
         if kind == "delete":
