@@ -622,6 +622,25 @@ class Collection:
 
         self._commit(change, None, None)
 
+    def _check_write(
+        self,
+        texts: Sequence[str],
+        ids: Sequence[DocId] | None,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+        vectors: npt.ArrayLike | None,
+    ) -> tuple[list[str], list[DocId] | None, list[Any], npt.NDArray[np.float32] | None]:
+        """A write's inputs, checked the same way by every backend before anything is stored."""
+        docs = check_texts(texts)
+        n = len(docs)
+        given_ids = check_ids(ids, n) if ids is not None else None
+        metas = check_metadata(metadata, n)
+        vecs = None
+        if vectors is not None:
+            if self._chunker is not None:
+                raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
+            vecs = check_vectors(vectors, self.dim, n)
+        return docs, given_ids, metas, vecs
+
     def _write(
         self,
         texts: Sequence[str],
@@ -633,15 +652,8 @@ class Collection:
         replace: bool,
     ) -> list[DocId]:
         # Every check, the chunking, embedding and tokenizing come before any lock.
-        docs = check_texts(texts)
+        docs, given_ids, metas, vecs = self._check_write(texts, ids, metadata, vectors)
         n = len(docs)
-        given_ids = check_ids(ids, n) if ids is not None else None
-        metas = check_metadata(metadata, n)
-        vecs = None
-        if vectors is not None:
-            if self._chunker is not None:
-                raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
-            vecs = check_vectors(vectors, self.dim, n)
         if n == 0:
             return []
         if self._has_store and self.reranker is None:

@@ -63,7 +63,7 @@ from ._chunking import Chunker
 from ._collection import Collection
 from ._fusion import Fusion
 from ._fusion import resolve as resolve_fusion
-from ._inputs import DocId, check_ids, check_metadata, check_texts, check_vectors, metadata_json
+from ._inputs import DocId, check_ids, metadata_json
 from ._location import MilvusURI
 from ._fusion import from_manifest
 from ._manifest import FORMAT_VERSION, as_embedder, as_reranker, check_model, model_entry
@@ -337,15 +337,8 @@ class MilvusCollection(Collection):
         replace: bool,
     ) -> list[DocId]:
         # Every check, the chunking, embedding and tokenizing come before anything is sent.
-        docs = check_texts(texts)
+        docs, given_ids, metas, vecs = self._check_write(texts, ids, metadata, vectors)
         n = len(docs)
-        given_ids = check_ids(ids, n) if ids is not None else None
-        metas = check_metadata(metadata, n)
-        vecs = None
-        if vectors is not None:
-            if self._chunker is not None:
-                raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
-            vecs = check_vectors(vectors, self.dim, n)
         metas_json = [metadata_json(m) for m in metas]
         shadows = [shadow(m) for m in metas]
         for i, t in enumerate(docs):
