@@ -2,16 +2,21 @@
 one per test session, on free localhost ports in a temp data dir, stopped (its whole process
 group) at the end. If it cannot start, the tests that need it fail with its log: never skip.
 
-Every port the server listens on is chosen here (each a port the OS just handed out), the
-embedded etcd's client and peer ports through an etcd config file, so that several sessions
-(CI jobs, developers) can run side by side. Only the metrics/health port is picked by the
-``milvus`` wrapper itself (the first free one from 9091).
+Milvus 2.3 binds its gRPC, etcd and metrics ports on every interface, with no setting to narrow
+it. So the server runs in a user + network namespace of its own (``unshare``), which has nothing
+but its own loopback, and netns_forward.py relays one port, bound on this machine's 127.0.0.1, to
+its proxy: nothing else it opens is reachable, and its ports cannot collide with another
+session's. Where unprivileged namespaces are not allowed, it runs directly instead (every port
+still chosen here, etcd's through a config file, except the metrics port that the ``milvus``
+wrapper picks from 9091) and says so in its log; ``isolated`` tells which.
 """
 
 from __future__ import annotations
 
 import itertools
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,12 +57,36 @@ def _log_tail(root: Path, limit: int = 6000) -> str:
     return "\n".join(parts) or "(no log written)"
 
 
+_UNSHARE = ("unshare", "--user", "--map-root-user", "--net")
+_FORWARD = Path(__file__).with_name("netns_forward.py")
+
+
+@functools.cache
+def namespace_refusal() -> str | None:
+    """Why this machine cannot give the server a network namespace of its own (None: it can)."""
+    if shutil.which("unshare") is None:
+        return "no `unshare` command (util-linux)"
+    probe = subprocess.run([*_UNSHARE, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`{' '.join(_UNSHARE)} true` failed: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
 class MilvusProcess:
     """One ``milvus-server`` process group and where it listens."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.refusal = namespace_refusal()
+        self.isolated = self.refusal is None
+        listener = None
+        if self.isolated:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
         ports = _free_ports(len(_PORTS) + 2)
+        if listener is not None:  # inside the namespace every port is free: the proxy takes the relayed one
+            ports[0] = listener.getsockname()[1]
         self.port = ports[0]
         etcd, peer = ports[-2], ports[-1]
         (root / "etcd.yaml").write_text(
@@ -75,9 +104,19 @@ class MilvusProcess:
             args += [f"--{name}-port", str(port)]
         env = dict(os.environ, ETCD_CONFIG_PATH=str(root / "etcd.yaml"))
         self.log = open(root / "milvus-server.log", "w")  # noqa: SIM115 - closed in stop()
-        # A session of its own: the wrapper runs the engine as a child, and stop() ends them both.
+        pass_fds: tuple[int, ...] = ()
+        if listener is not None:
+            args = [*_UNSHARE, sys.executable, str(_FORWARD), "--listen-fd", str(listener.fileno()),
+                    "--port", str(self.port), "--", *args]
+            pass_fds = (listener.fileno(),)
+        else:
+            self.log.write(f"[tailrank test fixture] not isolated, every port on all interfaces: {self.refusal}\n")
+            self.log.flush()
+        # A session of its own: the wrapper runs the engine as a child, and stop() ends them all.
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=root)
+                                     start_new_session=True, cwd=root, pass_fds=pass_fds)
+        if listener is not None:
+            listener.close()  # the relay holds its own copy
 
     @property
     def uri_base(self) -> str:

@@ -5,6 +5,7 @@ parametrized, in test_collection.py and test_collection_filters.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -184,3 +185,50 @@ def test_serve_opens_a_milvus_uri_with_its_recorded_embedder(milvus_server, emb,
         assert [h["id"] for h in r.json()["hits"]] == want.ids()
         bad = c.post("/search", json={"query": "x", "filter": {"even": {"$gt": 2**60}}})
         assert bad.status_code == 422 and "2**53" in bad.text
+
+
+def _listening(proc_net: list[Path]) -> dict[int, str]:
+    """inode -> "address:port" of every listening TCP socket in this network namespace."""
+    out = {}
+    for f in proc_net:
+        for line in f.read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = cols[1].split(":")
+            if len(addr) == 8:
+                ip = ".".join(str(b) for b in bytes.fromhex(addr)[::-1])
+            else:
+                ip = "::1" if addr == "00000000000000000000000001000000" else ("::" if set(addr) == {"0"} else addr)
+            out[int(cols[9])] = f"{ip}:{int(port, 16)}"
+    return out
+
+
+def _group_sockets(pgid: int) -> set[int]:
+    inodes = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for fd in (d / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+        except (OSError, ValueError, IndexError):
+            continue  # a process that just exited
+    return inodes
+
+
+def test_the_test_server_listens_on_localhost_only(milvus_server):
+    """Of everything the server's process group listens on, only 127.0.0.1:PORT is reachable from
+    this machine's network (the engine itself binds every interface, inside its own namespace)."""
+    if not milvus_server.isolated:  # a machine without unprivileged namespaces: said in the log, and here
+        assert milvus_server.refusal and "not isolated" in (milvus_server.root / "milvus-server.log").read_text()
+        return
+    here = _listening([Path("/proc/net/tcp"), Path("/proc/net/tcp6")])
+    mine = {ino: addr for ino, addr in here.items() if ino in _group_sockets(milvus_server.proc.pid)}
+    assert list(mine.values()) == [f"127.0.0.1:{milvus_server.port}"]
+    inner = Path(f"/proc/{milvus_server.proc.pid}/task")  # the relay; the engine is its child
+    assert inner.exists() and os.readlink(f"/proc/{milvus_server.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
