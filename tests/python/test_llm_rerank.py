@@ -385,20 +385,28 @@ def test_collection_search_reranks_with_an_llm_reranker_and_an_instruction(qwen3
         col.search(q, rerank=False, instruction=inst)
 
 
-def test_the_server_refuses_an_llm_reranker_at_start(qwen3):
-    from tailrank.serve import create_app
+def test_optimize_makes_fp16_of_an_llm_reranker_and_refuses_the_rest_naming_it(qwen3, tmp_path):
+    """fp16 of all three graphs behind the fidelity gate (checked here on the CPU provider; the
+    recipe is for CUDA); the other precisions are refused with a message naming what works."""
+    from tailrank.optimize import FidelityError, optimize
 
-    ce = CrossEncoder(qwen3[1], threads=1, max_length=MAX_LENGTH)
-    with pytest.raises(ModelError, match="does not serve LLM rerankers"):
-        create_app(ce)
-
-
-def test_optimize_refuses_an_llm_reranker(qwen3, tmp_path):
-    from tailrank.optimize import optimize
-
-    with pytest.raises(ModelError, match="LLM reranker"):
-        optimize(qwen3[1], tmp_path / "opt")
-    assert not (tmp_path / "opt").exists()
+    for precision in ("fp32", "int8", "int8-static", "bf16"):
+        with pytest.raises(ModelError, match="--fp16"):
+            optimize(qwen3[1], tmp_path / "opt", precision=precision)
+        assert not (tmp_path / "opt").exists()
+    report = optimize(qwen3[1], tmp_path / "fp16", precision="fp16", threads=1)
+    assert report["passed"] and report["graphs"] == ["model.onnx", "prefix.onnx", "continue.onnx"]
+    for name in report["graphs"]:
+        g = onnx.load(str(tmp_path / "fp16" / "onnx" / name))
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.graph.initializer), name
+        assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in [*g.graph.input, *g.graph.output])
+    fp32 = CrossEncoder(qwen3[1], threads=1, max_length=MAX_LENGTH)
+    half = CrossEncoder(tmp_path / "fp16", threads=1, max_length=MAX_LENGTH)
+    pairs = _pairs(16)
+    np.testing.assert_allclose(half.predict(pairs), fp32.predict(pairs), atol=2e-2)
+    with pytest.raises(FidelityError):  # an impossible threshold: the gate refuses, nothing written
+        optimize(qwen3[1], tmp_path / "strict", precision="fp16", threads=1, min_tau=1.01)
+    assert not (tmp_path / "strict").exists()
 
 
 # --- deadlines and the score cache for the llm kind (issue 16, serve round) -----------------
@@ -559,3 +567,43 @@ def test_a_deadline_with_the_cache_stores_only_what_was_scored(qwen3, monkeypatc
     np.testing.assert_array_equal(again[:4], part[:4])
     assert np.isfinite(again).all()
     np.testing.assert_allclose(again, want, atol=1e-6, rtol=0)
+
+
+def test_cli_search_and_eval_take_an_instruction(qwen3, tmp_path, tmp_path_factory, capsys):
+    from tailrank import Collection, Embedder
+    from tailrank._cli_collection import evaluate
+
+    _, out = qwen3
+    emb_dir = models.exported_st(tmp_path_factory, pooling="mean", normalize=True)[1]
+    ce = CrossEncoder(out, threads=1)
+    docs = [d for _, d in _pairs(15)]
+    col = Collection.create(tmp_path / "col", embedder=Embedder(emb_dir, threads=1), reranker=ce)
+    ids = col.add(docs)
+    q, inst = "insulin regulates glucose", "Find the passage about hormones"
+    model_args = ["--embedder", str(emb_dir), "--reranker", str(out), "--threads", "1"]
+    for extra in ([], ["--instruction", inst]):
+        assert main(["search", str(tmp_path / "col"), q, "-k", "5", "--candidates", "12", "--json", *extra,
+                     *model_args]) == 0
+        got = json.loads(capsys.readouterr().out)["hits"]
+        want = col.search(q, k=5, candidates=12, instruction=inst if extra else None)
+        assert [h["id"] for h in got] == want.ids()
+        np.testing.assert_allclose([h["rerank_score"] for h in got], [h.rerank_score for h in want.hits], atol=1e-5)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"_id": f"q{j}", "text": docs[j][:30]}) + "\n" for j in range(4)))
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("".join(f"q{j}\t{ids[j]}\t1\n" for j in range(4)))
+    assert main(["eval", str(tmp_path / "col"), "--queries", str(queries), "--qrels", str(qrels), "--candidates",
+                 "12", "--instruction", inst, "--json", *model_args]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    want = evaluate(col, {f"q{j}": docs[j][:30] for j in range(4)}, {f"q{j}": {str(ids[j]): 1} for j in range(4)},
+                    candidates=12, instruction=inst)
+    assert ev["reranked"] == pytest.approx(want["reranked"], abs=1e-9)
+    col.close()
+    # A sequence classifier has no instruction slot: a clear refusal, exit status 2.
+    _, enc = models.exported(tmp_path_factory, "bert", 1)
+    col = Collection.create(tmp_path / "enc", embedder=Embedder(emb_dir, threads=1), reranker=CrossEncoder(enc, threads=1))
+    col.add(docs)
+    col.close()
+    assert main(["search", str(tmp_path / "enc"), q, "--instruction", inst, "--embedder", str(emb_dir),
+                 "--reranker", str(enc)]) == 2
+    assert "instruction" in capsys.readouterr().err
