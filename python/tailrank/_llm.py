@@ -20,7 +20,7 @@ from .pairs import Assembly, Batch, PairBatcher, PairTemplate
 from .rerank_template import RerankTemplate
 
 __all__ = ["Prompt", "LlmPrompts", "LlmScorer", "PromptGroup", "PromptPairs", "prompt_pairs", "PromptAssembly", "cut_documents", "prompt_key",
-           "split_prompt_key", "input_order_chunks", "PREFIX_GRAPH", "CONTINUE_GRAPH"]
+           "split_prompt_key", "PREFIX_GRAPH", "CONTINUE_GRAPH"]
 
 PREFIX_GRAPH = "prefix.onnx"
 CONTINUE_GRAPH = "continue.onnx"
@@ -233,23 +233,6 @@ def split_prompt_key(key: npt.NDArray[np.int32]) -> tuple[npt.NDArray[np.int32],
     if sep.size != 1:
         raise ValueError("not a prompt key: it must hold exactly one -1 separator")
     return k[: sep[0]], k[sep[0] + 1 :]
-
-
-def input_order_chunks(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> list[tuple[int, int]]:
-    """Consecutive ``[start, end)`` runs of candidates, each one padded batch within the token
-    budget and row cap: scoring them in turn scores candidates in input order (for deadlines)."""
-    out = []
-    n, start = len(lengths), 0
-    while start < n:
-        end, longest = start, 0
-        while end < n and end - start < max_rows:
-            longest2 = max(longest, int(lengths[end]))
-            if longest2 * (end - start + 1) > batch_tokens and end > start:
-                break
-            longest, end = longest2, end + 1
-        out.append((start, end))
-        start = end
-    return out
 
 
 @dataclass(frozen=True)

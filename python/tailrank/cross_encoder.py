@@ -30,7 +30,7 @@ from ._ort import (
     read_runtime,
     text_inputs,
 )
-from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
+from ._runner import BatchRunner, input_order_chunks, probe, resolve_batch_limits, resolve_max_length
 from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
 from ._validate import as_token_ids, check_text, positive_int
 from .docstore import DocStore
@@ -42,7 +42,6 @@ from ._llm import (
     PromptGroup,
     PromptPairs,
     cut_documents,
-    input_order_chunks,
     prompt_key,
     prompt_pairs,
     split_prompt_key,
@@ -901,8 +900,8 @@ class CrossEncoder:
         # The schedulers batch (query, document) token pairs of an encoder's template; an LLM
         # prompt needs its prefix/suffix per request, which they do not carry yet.
         if self.kind == "llm":
-            raise ModelError(f"{what}: the pair batch schedulers do not run LLM rerankers; "
-                             "use predict, rank, rank_ids or score_prompts")
+            raise ModelError(f"{what}: an LLM reranker's pairs are prompts, not (query, document) token "
+                             "pairs; use predict, rank, rank_ids, score_prompts or prepare_prompts/assemble_prompts")
 
     def __repr__(self) -> str:
         return (

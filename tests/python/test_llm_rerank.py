@@ -333,7 +333,7 @@ def test_bad_inputs_are_typed_errors(qwen3):
         ce.predict([("q", "d")], instruction="\ud800")
     with pytest.raises(TypeError):
         ce.rank("q", ["d"], instruction=3)
-    with pytest.raises(ModelError, match="schedulers"):
+    with pytest.raises(ModelError, match="assemble_prompts"):
         ce.batcher()
     with pytest.raises(ValueError, match="deadline_ms"):
         ce.rank("q", ["d"], deadline_ms=0)

@@ -241,3 +241,40 @@ def test_search_with_an_llm_reranker_and_an_instruction_matches_the_library(
         r = c.post("/search", content=b'{"query": "q", "instruction": "\\ud800"}', headers=JSON)
         assert r.status_code == 422 and "instruction" in r.json()["detail"], r.text
     col.close()
+
+
+def test_the_full_prompt_path_serves_too(llm_dir: Any) -> None:
+    """A model loaded with prefix_reuse=False: rounds hold whole prompts (the prefix as the
+    template's fixed tokens); the scores are still CrossEncoder's."""
+    full = CrossEncoder(llm_dir, threads=1, max_length=MAX_LENGTH, prefix_reuse=False, spin=False)
+    docs = docs_of(8, 7)
+    with client(create_app(full, score_cache_bytes=0)) as c:
+        r = c.post("/rerank", json={"query": "kidney", "documents": docs, "instruction": INSTRUCTION})
+        assert r.status_code == 200, r.text
+    want = full.predict([("kidney", d) for d in docs], instruction=INSTRUCTION)
+    np.testing.assert_allclose(by_index(r.json()["results"], "relevance_score"), want, atol=1e-5, rtol=0)
+
+
+def test_tokens_are_counted_as_computed_and_the_estimate_counts_the_prompt_once(llm: CrossEncoder) -> None:
+    """A request's tokens are its prefix once plus each document's and the suffix's tokens (what
+    prefix reuse computes, not whole prompts); admission's estimate before tokenizing, with the
+    characters per token of these documents, is within 25% of that, and far below whole prompts."""
+    from tailrank.serve.validate import RerankSpec, tokenize_pairs
+
+    docs = docs_of(9, 50)
+    q = "insulin and glucose"
+    spec = RerankSpec(q, docs, True, False, None, INSTRUCTION)
+    pairs = tokenize_pairs(llm, None, spec, Limits())
+    prompts = [llm.prompt_ids(q, d, instruction=INSTRUCTION) for d in docs]
+    before = pairs.prompt_tokens
+    assert before == llm._prompts.prompt(q, INSTRUCTION).before.size
+    assert [before + int(n) for n in pairs.lengths] == [p.size for p in prompts]
+    assert pairs.tokens == before + int(pairs.lengths.sum())
+    whole = sum(p.size for p in prompts)
+    app = create_app(llm)
+    server = app.state.tailrank
+    seg = llm.tokenize_documents(docs)
+    server.admission.chars_per_token = sum(map(len, docs)) / sum(s.size for s in seg)
+    est = server._estimate(spec, range(len(docs)))
+    assert abs(est - pairs.tokens) <= 0.25 * pairs.tokens, (est, pairs.tokens)
+    assert est < whole / 2

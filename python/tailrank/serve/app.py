@@ -125,7 +125,9 @@ def create_app(
     Args:
         reranker: A ``tailrank.CrossEncoder`` (or any object with its ``batcher``,
             ``score_assembly``, ``scores_from_logits``, ``tokenize``, ``max_length`` and
-            ``n_labels``), or a model directory to load one from.
+            ``n_labels``), or a model directory to load one from. An LLM reranker
+            (``kind == "llm"``) is served through ``prepare_prompts`` / ``assemble_prompts``
+            instead of ``batcher``, and its requests may carry an ``instruction``.
         collection: A ``tailrank.Collection`` (or its directory) served at ``POST /search``.
         api_key: When set, every endpoint but ``/health`` requires ``Authorization: Bearer <key>``.
         max_batch_tokens: Real tokens per scheduling round (default: the model's batch_tokens,
@@ -189,9 +191,11 @@ def create_app(
                                     calibrate=lambda: calibrate_reranker(model, max_batch_tokens),
                                     round_hook=round_hook, nice=scoring_nice)}
     extra: dict[str, Any] = {}
-    if llm:  # the default prompt's own tokens, for admission's estimate before tokenizing
-        pp = cast(Any, model).prepare_prompts("", [])
+    if llm:  # the template's own tokens (no query, no instruction), for admission's estimate
+        pp = cast(Any, model).prepare_prompts("", [], instruction="")
         extra["llm_prompt_tokens"] = (int(pp.prompt_tokens), int(pp.key.size - pp.prompt_tokens - 1))
+        template = getattr(model, "rerank_template", None)
+        extra["llm_default_instruction_chars"] = len(getattr(template, "default_instruction", None) or "")
     if collection is not None:
         emb = collection.embedder
         queue.add_kind("embed", max_batch_tokens=max(int(emb.batch_tokens), int(emb.max_length)),

@@ -161,7 +161,8 @@ class Server:
         """Estimated tokens of the request's pairs ``which`` (before tokenizing)."""
         if self.llm:
             fixed_before, suffix = self.extra["llm_prompt_tokens"]
-            chars = len(spec.query) + (len(spec.instruction) if spec.instruction is not None else 0)
+            inst = len(spec.instruction) if spec.instruction is not None else self.extra["llm_default_instruction_chars"]
+            chars = len(spec.query) + inst
             return self.admission.estimate_prompt_tokens(chars, [len(spec.texts[i]) for i in which], fixed_before,
                                                          suffix, int(self.model.max_length))
         return self.admission.estimate_tokens(len(spec.query), [len(spec.texts[i]) for i in which],
