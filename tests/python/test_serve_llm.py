@@ -278,3 +278,11 @@ def test_tokens_are_counted_as_computed_and_the_estimate_counts_the_prompt_once(
     est = server._estimate(spec, range(len(docs)))
     assert abs(est - pairs.tokens) <= 0.25 * pairs.tokens, (est, pairs.tokens)
     assert est < whole / 2
+
+
+def test_the_openapi_schema_documents_the_instruction_field(llm: CrossEncoder) -> None:
+    schemas = create_app(llm).openapi()["components"]["schemas"]
+    for name in ("CohereRerankRequest", "TeiRerankRequest", "SearchRequest"):
+        field = schemas[name]["properties"]["instruction"]
+        assert {"type": "string"} in field["anyOf"] and "LLM rerankers" in field["description"], name
+        assert "instruction" not in schemas[name].get("required", []), name
