@@ -3,6 +3,14 @@
 
 Usage:
     PYTHONPATH=python python scripts/gpu_check.py [--model EXPORTED_DIR | --hf HF_DIR] [--fp16]
+    PYTHONPATH=python python scripts/gpu_check.py --llm [--cpu-only]
+
+--llm checks a decoder-only (LLM) reranker instead: a seeded tiny Qwen3 reranker is built (the
+tests' builder: hidden 256, 4 layers, a tokenizer trained here), exported with the qwen3 template,
+made fp16 by ``tailrank optimize --fp16``, and scored on CUDA fp16 (and fp32) against CPU fp32:
+max |logit diff|, Kendall tau, p50/p99 per 100-candidate request. --cpu-only runs the CPU side
+of that (build, export, fp16 graphs, scores on the CPU provider) without a GPU: a dry run that
+proves the script, not the GPU.
 
 Without --model it exports ../shared/models/scifact-minilm-l6-ce (or $TAILRANK_SHARED/models/...)
 to a temporary directory. Exits 0 with a message when onnxruntime has no CUDA provider (the
@@ -68,9 +76,15 @@ def main() -> int:
     p.add_argument("--reference", type=Path, help="JSON {requests: [{query, documents, logits}]} with CPU fp32 "
                    "logits made elsewhere: checks --model on CUDA against them (for machines without the fp32 model)")
     p.add_argument("--repeat", type=int, default=5, help="timed passes over the reference requests (default 5)")
+    p.add_argument("--llm", action="store_true", help="check a decoder (LLM) reranker (see above)")
+    p.add_argument("--cpu-only", action="store_true", help="with --llm: the CPU side only (no GPU needed)")
+    p.add_argument("--max-length", type=int, default=512, help="with --llm: prompt tokens (default 512)")
     args = p.parse_args()
 
     import onnxruntime as ort
+
+    if args.llm:
+        return _check_llm(args, "CUDAExecutionProvider" in ort.get_available_providers())
 
     providers = ort.get_available_providers()
     print(f"onnxruntime {ort.__version__} ({ort.get_device()}); providers: {providers}")
@@ -124,6 +138,53 @@ def main() -> int:
             half = CrossEncoder(Path(tmp) / "fp16", device="cuda")
             half.rank(*requests[0])
             print("CUDA fp16, 100 candidates:", json.dumps(_time(half, requests[3:])))
+    return 0
+
+
+def _check_llm(args: argparse.Namespace, cuda: bool) -> int:
+    """A seeded tiny Qwen3 reranker: CUDA fp16 (and fp32) vs CPU fp32, or with --cpu-only the
+    fp16 graphs on the CPU provider vs fp32 (a dry run of the same code path)."""
+    sys.path.insert(0, str(REPO / "tests" / "python"))  # the tests' seeded builder, not a copy of it
+    import llm_models  # type: ignore[import-not-found]
+
+    from tailrank import CrossEncoder
+    from tailrank.export import export
+    from tailrank.optimize import kendall_tau, optimize
+
+    if not cuda and not args.cpu_only:
+        print("no CUDAExecutionProvider: nothing to check on a GPU (pass --cpu-only for the CPU dry run)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        hf = llm_models.build_llm_checkpoint("qwen3", Path(tmp) / "hf", hidden=256, layers=4,
+                                             positions=max(1024, args.max_length))
+        model = export(hf, Path(tmp) / "model", rerank_template="qwen3")
+        report = optimize(model, Path(tmp) / "fp16", precision="fp16", force=True)
+        print(f"built, exported and made fp16 in {time.perf_counter() - t:.1f}s; fp16 gate on the CPU:",
+              json.dumps({k: report[k] for k in ("max_abs_logit_diff", "kendall_tau", "top1_kept", "passed")}))
+        kw: dict[str, object] = {"activation": "none", "max_length": args.max_length}
+        cpu = CrossEncoder(model, device="cpu", **kw)
+        device = "cpu" if args.cpu_only else "cuda"
+        runs = {f"{device} fp16": CrossEncoder(Path(tmp) / "fp16", device=device, **kw)}
+        if not args.cpu_only:
+            runs["cuda fp32"] = CrossEncoder(model, device="cuda", **kw)
+        if any(m.device != device for m in runs.values()):
+            print("the CUDA provider did not initialise (see the log line above); nothing to check on a GPU")
+            return 0
+        requests = _requests(args.requests + 3)
+        print(f"{'CPU dry run (no GPU used)' if args.cpu_only else 'GPU check'}: {len(requests)} requests of "
+              f"1 query x 100 documents, max_length {args.max_length}")
+        for name, m in runs.items():
+            worst, taus = 0.0, []
+            for q, docs in requests[:3]:
+                a = cpu.predict([(q, d) for d in docs]).astype(np.float64)
+                b = m.predict([(q, d) for d in docs]).astype(np.float64)
+                worst = max(worst, float(np.abs(a - b).max()))
+                taus.append(kendall_tau(a, b))
+            print(f"{name} vs cpu fp32 on 300 pairs: max |logit diff| {worst:.2e}, Kendall tau {np.mean(taus):.4f}")
+            m.rank(*requests[0])  # warm
+            print(f"{name}, 100 candidates:", json.dumps(_time(m, requests[3:])))
+        print("cpu fp32, 100 candidates:", json.dumps(_time(cpu, requests[3:4])), "(1 request)")
     return 0
 
 

@@ -41,6 +41,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--fusion-weight", type=float, default=None,
                    help="linear fusion: the reranker's weight in [0, 1] (default: the stored one, else 0.5)")
     s.add_argument("--rrf-k", type=int, default=None, help="rrf fusion: the k of 1/(k + rank) (default 60)")
+    s.add_argument("--instruction", default=None,
+                   help="LLM rerankers: the task instruction of the prompt (default: the template's)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     _model_args(s)
 
@@ -54,6 +56,8 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--fusion", choices=("none", "rrf", "linear"), default=None,
                    help="fusion of the reranked run (default: the collection's stored default, else none)")
     e.add_argument("--fusion-weight", type=float, default=None, help="linear fusion: the reranker's weight in [0, 1]")
+    e.add_argument("--instruction", default=None,
+                   help="LLM rerankers: the task instruction of every query's prompt (default: the template's)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _model_args(e)
 
@@ -173,9 +177,13 @@ def _search(args: argparse.Namespace) -> int:
             print(f"tailrank search: --filter is not JSON: {e}", file=sys.stderr)
             return 2
     col = _open(args)
-    res = col.search(args.query, k=args.k, candidates=args.candidates, filter=flt, rerank=not args.no_rerank,
-                     deadline_ms=args.deadline_ms, fusion=args.fusion, fusion_weight=args.fusion_weight,
-                     rrf_k=args.rrf_k)
+    try:
+        res = col.search(args.query, k=args.k, candidates=args.candidates, filter=flt, rerank=not args.no_rerank,
+                         deadline_ms=args.deadline_ms, fusion=args.fusion, fusion_weight=args.fusion_weight,
+                         rrf_k=args.rrf_k, instruction=args.instruction)
+    except ValueError as e:  # e.g. --instruction with a sequence-classifier reranker
+        print(f"tailrank search: {e}", file=sys.stderr)
+        return 2
     if args.json:
         out = {
             "hits": [h.__dict__ for h in res.hits],
@@ -235,10 +243,12 @@ def search_runs(
 def evaluate(
     col: Any, queries: dict[str, str], qrels: dict[str, dict[str, int]], *, candidates: int = 100,
     rerank: bool = True, fusion: str | None = None, fusion_weight: float | None = None,
+    instruction: str | None = None,
 ) -> dict[str, Any]:
     """nDCG@10 and Recall@{10,100} (pytrec-eval-terrier) of the first stage and, with ``rerank``,
     after reranking the first stage's ``candidates`` (ranked as ``fusion`` says; default: the
-    collection's stored default); one search per judged query."""
+    collection's stored default); one search per judged query. ``instruction``: an LLM
+    reranker's task instruction for every query."""
     try:
         from .bench.quality import evaluate as metrics
 
@@ -249,7 +259,9 @@ def evaluate(
     from .collection._fusion import resolve
 
     fz = resolve(col.default_fusion, fusion, fusion_weight) if rerank else None
-    kw = {"fusion": fz.method, "fusion_weight": fz.weight} if fz is not None else {}
+    kw: dict[str, Any] = {"fusion": fz.method, "fusion_weight": fz.weight} if fz is not None else {}
+    if instruction is not None:
+        kw["instruction"] = instruction
     first, final, _ = search_runs(col, judged, candidates=candidates, rerank=rerank, **kw)
     out: dict[str, Any] = {"queries": len(judged), "candidates": candidates,
                            "fusion": fz.describe() if fz is not None else None}
@@ -266,8 +278,12 @@ def _eval(args: argparse.Namespace) -> int:
         judged = [q for q in queries if q in qrels][: args.max_queries]
         queries = {q: queries[q] for q in judged}
     col = _open(args)
-    res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank, fusion=args.fusion,
-                   fusion_weight=args.fusion_weight)
+    try:
+        res = evaluate(col, queries, qrels, candidates=args.candidates, rerank=not args.no_rerank,
+                       fusion=args.fusion, fusion_weight=args.fusion_weight, instruction=args.instruction)
+    except ValueError as e:  # e.g. --instruction with a sequence-classifier reranker
+        print(f"tailrank eval: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(res, indent=1))
         return 0

@@ -5,6 +5,7 @@ request; every document continues from their KV cache)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import CorruptFileError, ModelError
-from .pairs import PairBatcher, PairTemplate
+from .pairs import Assembly, Batch, PairBatcher, PairTemplate
 from .rerank_template import RerankTemplate
 
-__all__ = ["Prompt", "LlmPrompts", "LlmScorer", "cut_documents", "PREFIX_GRAPH", "CONTINUE_GRAPH"]
+__all__ = ["Prompt", "LlmPrompts", "LlmScorer", "PromptGroup", "PromptPairs", "prompt_pairs", "PromptAssembly", "cut_documents", "prompt_key",
+           "split_prompt_key", "PREFIX_GRAPH", "CONTINUE_GRAPH"]
 
 PREFIX_GRAPH = "prefix.onnx"
 CONTINUE_GRAPH = "continue.onnx"
@@ -31,6 +33,7 @@ _BOUNDARY_PROBES = ("word", "Word", " space", "  two", "\nline", "\tab", "(paren
                     "\u0301", "日本", "🙂", "", "-dash", ".")
 
 Encode = Callable[[Sequence[str]], list[npt.NDArray[np.int32]]]
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -153,23 +156,33 @@ class LlmScorer:
                 kept.popitem(last=False)
         return b
 
-    def run(self, prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]], out: npt.NDArray[np.float32], *,
-            batch_tokens: int, max_batch_size: int) -> int:
-        """Logits [len(docs), 1] into ``out``: the prefix once, then each batch of documents
-        (already cut to ``prompt.room``) with the suffix, over the prefix's cache. Returns the
-        tokens run through the model: the prefix once plus the padded document+suffix rows."""
-        before = prompt.before.astype(np.int64)[None, :]
+    def prefix(self, before: npt.NDArray[np.integer[Any]]) -> dict[str, Any]:
+        """The KV cache of the tokens before the document slot (one run), as continuation feeds."""
+        ids = np.asarray(before, dtype=np.int64)[None, :]
         try:
-            presents = self.prefix_session.run(None, {"input_ids": before})
+            presents = self.prefix_session.run(None, {"input_ids": ids})
         except Exception as e:  # ORT's own exception types
-            raise ModelError(f"ONNX Runtime failed on the prompt prefix ({before.shape[1]} tokens): {e}") from e
-        feeds: dict[str, Any] = dict(zip(self.past_names, presents))
-        rest = prompt.room + prompt.suffix.size
+            raise ModelError(f"ONNX Runtime failed on the prompt prefix ({ids.shape[1]} tokens): {e}") from e
+        return dict(zip(self.past_names, presents))
+
+    def assemble(self, before_size: int, suffix: npt.NDArray[np.int32], room: int,
+                 docs: Sequence[npt.NDArray[np.int32]], *, batch_tokens: int, max_batch_size: int) -> Assembly:
+        """Batches of ``document + suffix`` rows (documents already cut to ``room``)."""
+        rest = room + suffix.size
         # One spare position: the core wants room for text beyond the suffix even when the room is 0.
-        batcher = self.batcher(prompt.suffix, rest + 1, max(batch_tokens, rest + 1), max_batch_size)
-        assembly = batcher.assemble(_EMPTY, list(docs))
-        computed = before.shape[1]
+        batcher = self.batcher(suffix, rest + 1, max(batch_tokens, rest + 1), max_batch_size)
+        return batcher.assemble(_EMPTY, list(docs))
+
+    def run_assembly(self, feeds: dict[str, Any], assembly: Assembly, out: npt.NDArray[np.float32], *,
+                     deadline: float | None = None, scored: npt.NDArray[np.bool_] | None = None,
+                     clock: Clock = time.monotonic) -> int:
+        """Logits of an assembly's rows into ``out`` over the prefix cache in ``feeds``; no batch
+        starts at or after ``deadline`` (``scored`` marks the rows done). Returns padded tokens run."""
+        feeds = dict(feeds)
+        computed = 0
         for batch in assembly.batches:
+            if deadline is not None and clock() >= deadline:
+                break
             feeds["input_ids"] = batch.input_ids
             feeds["attention_mask"] = batch.attention_mask
             try:
@@ -177,8 +190,20 @@ class LlmScorer:
             except Exception as e:
                 raise ModelError(f"ONNX Runtime failed on a batch of shape {batch.input_ids.shape}: {e}") from e
             out[batch.rows] = got
+            if scored is not None:
+                scored[batch.rows] = True
             computed += batch.input_ids.size
         return computed
+
+    def run(self, prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]], out: npt.NDArray[np.float32], *,
+            batch_tokens: int, max_batch_size: int) -> int:
+        """Logits [len(docs), 1] into ``out``: the prefix once, then each batch of documents
+        (already cut to ``prompt.room``) with the suffix, over the prefix's cache. Returns the
+        tokens run through the model: the prefix once plus the padded document+suffix rows."""
+        feeds = self.prefix(prompt.before)
+        assembly = self.assemble(prompt.before.size, prompt.suffix, prompt.room, docs, batch_tokens=batch_tokens,
+                                 max_batch_size=max_batch_size)
+        return prompt.before.size + self.run_assembly(feeds, assembly, out)
 
 
 def cut_documents(prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]]
@@ -188,3 +213,75 @@ def cut_documents(prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]]
     kept = [d[:room] if d.size > room else d for d in docs]
     flags = np.fromiter((prompt.head_cut or d.size > room for d in docs), dtype=bool, count=len(docs))
     return kept, flags
+
+
+# The schedulers (the server's rounds, the score cache's keys) carry one int32 array per query. For
+# an LLM request it is the prompt around the document slot, ``before + [-1] + suffix`` (ids are
+# >= 0, so the split is unambiguous): everything besides the document that decides the logit.
+_KEY_SEP = np.array([-1], dtype=np.int32)
+
+
+def prompt_key(prompt: Prompt) -> npt.NDArray[np.int32]:
+    """The prompt's ids around the document slot as one array (see ``split_prompt_key``)."""
+    return np.concatenate([prompt.before.astype(np.int32), _KEY_SEP, prompt.suffix.astype(np.int32)])
+
+
+def split_prompt_key(key: npt.NDArray[np.int32]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """``(before, suffix)`` of a :func:`prompt_key` array."""
+    k = np.asarray(key, dtype=np.int32)
+    sep = np.flatnonzero(k < 0)
+    if sep.size != 1:
+        raise ValueError("not a prompt key: it must hold exactly one -1 separator")
+    return k[: sep[0]], k[sep[0] + 1 :]
+
+
+@dataclass(frozen=True)
+class PromptPairs:
+    """One LLM request's pairs as a scheduler carries them: the :func:`prompt_key`, the documents
+    cut to the prompt's room, each pair's tokens after the prefix (document + suffix), the
+    prefix tokens run once, and which pairs were cut."""
+
+    key: npt.NDArray[np.int32]
+    docs: list[npt.NDArray[np.int32]]
+    lengths: npt.NDArray[np.int64]
+    prompt_tokens: int
+    truncated: npt.NDArray[np.bool_]
+
+
+def prompt_pairs(prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]]) -> PromptPairs:
+    kept, flags = cut_documents(prompt, docs)
+    lengths = np.fromiter((d.size + prompt.suffix.size for d in kept), dtype=np.int64, count=len(kept))
+    return PromptPairs(prompt_key(prompt), kept, lengths, int(prompt.before.size), flags)
+
+
+@dataclass
+class PromptGroup:
+    """The documents of one prompt inside a :class:`PromptAssembly`: ``rows`` are their positions
+    in the assembly's candidate order; ``before`` is None on the full-prompt path (its assembly
+    holds whole prompts)."""
+
+    before: npt.NDArray[np.int32] | None
+    assembly: Assembly
+    rows: npt.NDArray[np.int64]
+
+
+@dataclass
+class PromptAssembly:
+    """Pairs of several LLM prompts (a server round, one request's chunk), grouped by prompt:
+    each group's prefix runs once, then its document batches over that cache."""
+
+    groups: list[PromptGroup]
+    truncated: npt.NDArray[np.bool_]
+
+    @property
+    def batches(self) -> list[Batch]:
+        return [b for g in self.groups for b in g.assembly.batches]
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens computed when every batch runs: each prefix once plus the real document rows."""
+        return int(sum((0 if g.before is None else g.before.size) + g.assembly.real_tokens for g in self.groups))
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(sum((0 if g.before is None else g.before.size) + g.assembly.padded_tokens for g in self.groups))

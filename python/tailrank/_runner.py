@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -16,7 +17,7 @@ from ._validate import positive_int
 from .errors import ModelError
 from .pairs import Assembly, Batch, PairBatcher, PairTemplate
 
-__all__ = ["BatchRunner", "RunnerModel", "probe", "resolve_max_length", "resolve_batch_limits"]
+__all__ = ["BatchRunner", "RunnerModel", "probe", "resolve_max_length", "resolve_batch_limits", "input_order_chunks"]
 
 # (batch_tokens, max_batch_size). On the CPU small batches cost nothing in matmul efficiency
 # (a MiniLM-L6 at 384 tokens ran as fast or faster at 1-2k tokens per batch than at 8-16k) and
@@ -49,6 +50,23 @@ def resolve_batch_limits(
     if tokens < max_length:
         raise ValueError(f"batch_tokens ({tokens}) must be >= max_length ({max_length})")
     return tokens, rows
+
+
+def input_order_chunks(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` runs of candidates, each one padded batch within the token
+    budget and row cap: scoring them in turn scores candidates in input order (for deadlines)."""
+    out = []
+    n, start = len(lengths), 0
+    while start < n:
+        end, longest = start, 0
+        while end < n and end - start < max_rows:
+            longest2 = max(longest, int(lengths[end]))
+            if longest2 * (end - start + 1) > batch_tokens and end > start:
+                break
+            longest, end = longest2, end + 1
+        out.append((start, end))
+        start = end
+    return out
 
 
 class RunnerModel(Protocol):

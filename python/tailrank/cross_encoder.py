@@ -30,11 +30,22 @@ from ._ort import (
     read_runtime,
     text_inputs,
 )
-from ._runner import BatchRunner, probe, resolve_batch_limits, resolve_max_length
+from ._runner import BatchRunner, input_order_chunks, probe, resolve_batch_limits, resolve_max_length
 from ._score_cache import CacheLookup, CacheStats, ScoreCache, pair_keys
 from ._validate import as_token_ids, check_text, positive_int
 from .docstore import DocStore
-from ._llm import LlmPrompts, LlmScorer, cut_documents
+from ._llm import (
+    LlmPrompts,
+    LlmScorer,
+    Prompt,
+    PromptAssembly,
+    PromptGroup,
+    PromptPairs,
+    cut_documents,
+    prompt_key,
+    prompt_pairs,
+    split_prompt_key,
+)
 from .errors import CorruptFileError, ModelError
 from .pairs import Assembly, PairBatcher, PairTemplate
 from .rerank_template import TEMPLATE_FILE, RerankTemplate, load_template
@@ -45,6 +56,9 @@ Activation = Literal["default", "none"]
 
 # Documents per assembly: bounds the batcher's buffers whatever the size of one predict call.
 _DOCS_PER_ASSEMBLY = 2048
+_EMPTY_IDS = np.zeros(0, dtype=np.int32)
+# The clock deadlines are read on (``time.monotonic``); tests put a counting clock here.
+_clock = time.monotonic
 
 
 class _TokenCache:
@@ -106,7 +120,7 @@ class _Worker(BatchRunner["CrossEncoder"]):
         (input order). With ``deadline`` (a ``time.monotonic()`` value) it stops before the first
         batch that would start at or after it; ``scored`` then marks the rows done."""
         for batch in assembly.batches:
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and _clock() >= deadline:
                 return
             logits[batch.rows] = self.run_batch(o, batch, (batch.input_ids.shape[0], o.n_labels))
             if scored is not None:
@@ -202,6 +216,8 @@ class CrossEncoder:
         # First attribute on purpose: attributes are released in order, so the per-thread
         # IOBindings go before the session they point into.
         self._local = threading.local()
+        #: The score cache (None: off).
+        self.score_cache: ScoreCache | None = None
         self.model_dir = Path(model_dir)
         self.activation: Activation = activation
         onnx_path = find_onnx(self.model_dir)
@@ -216,8 +232,6 @@ class CrossEncoder:
         self.kind: Literal["encoder", "llm"] = "encoder"
         self._llm: LlmScorer | None = None
         if (self.model_dir / TEMPLATE_FILE).is_file():
-            if cache_bytes or score_cache is not None:
-                raise ValueError("the score cache does not support LLM rerankers yet")
             self.kind = "llm"
             self.rerank_template = _read_rerank_template(self.model_dir / TEMPLATE_FILE, config)
             default = min(default_max_length(config, tok_config), self.rerank_template.max_length or 1 << 20)
@@ -295,15 +309,14 @@ class CrossEncoder:
                 and activation == "default":
             self.activation = "none"  # the template's score is the raw answer logit
         self._worker().warm_up(self, 1, self.n_labels)  # a one-token query with each document
-        if self._llm is not None:
+        if self.kind == "llm":
             self._logits_llm(" ", ["warm up"], self.max_batch_size, None)
         #: Identity of everything that decides a logit: weights, tokenizer, run-time settings,
         #: device, provider and precision, max_length and truncation. Score-cache keys hold it.
         self.score_fingerprint = _score_fingerprint(self, onnx_path)
         if score_cache is not None and score_cache.n_labels != self.n_labels:
             raise ValueError(f"score_cache holds {score_cache.n_labels} logits per pair; this model has {self.n_labels}")
-        #: The score cache (None: off).
-        self.score_cache: ScoreCache | None = score_cache
+        self.score_cache = score_cache
         if cache_bytes:
             self.score_cache = ScoreCache(cache_bytes, self.n_labels)
 
@@ -385,37 +398,99 @@ class CrossEncoder:
             raise ValueError("instruction= is for LLM rerankers; this model is a sequence classifier")
         check_text(instruction, "instruction")
 
+    def _deadline(self, deadline_ms: float | None) -> float | None:
+        """The call's deadline on the deadline clock (None: none)."""
+        if deadline_ms is None:
+            return None
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+        if self.kind != "llm":
+            raise ValueError("deadline_ms on CrossEncoder calls is for LLM rerankers; for a sequence classifier "
+                             "use Collection.search(deadline_ms=) or score_assembly(deadline=)")
+        return _clock() + float(deadline_ms) / 1000.0
+
     def _logits_llm(
-        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None, deadline: float | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         check_text(query, "query")
-        return self._llm_tokens(query, instruction, self._doc_tokens(docs, 0), max_rows)
+        return self._llm_tokens(query, instruction, self._doc_tokens(docs, 0), max_rows, deadline)
 
     def _llm_tokens(
-        self, query: str, instruction: str | None, docs: Sequence[npt.NDArray[np.int32]], max_rows: int
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """Logits and truncation flags of one LLM request: the prompt's ids once, then the
-        documents (ids of their segments) through the prefix-reuse or the full-prompt path."""
+        self, query: str, instruction: str | None, docs: Sequence[npt.NDArray[np.int32]], max_rows: int,
+        deadline: float | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """Logits, truncation flags and the scored mask of one LLM request: the prompt's ids
+        once, then the documents (ids of their segments): score-cache hits first, the misses
+        through the prefix-reuse or the full-prompt path (in input order until ``deadline``)."""
         prompt = self._prompts.prompt(query, instruction)
-        logits = np.empty((len(docs), 1), dtype=np.float32)
-        truncated = np.zeros(len(docs), dtype=bool)
-        reuse = self._llm is not None and prompt.suffix.size > 0 and prompt.before.size > 0
+        n = len(docs)
+        logits = np.full((n, 1), np.nan, dtype=np.float32)
+        truncated = np.zeros(n, dtype=bool)
+        scored = np.zeros(n, dtype=bool)
+        cache = self.score_cache
+        key = prompt_key(prompt) if cache is not None else None
         computed = 0
-        for start in range(0, len(docs), _DOCS_PER_ASSEMBLY):
+        for start in range(0, n, _DOCS_PER_ASSEMBLY):
             kept, flags = cut_documents(prompt, docs[start : start + _DOCS_PER_ASSEMBLY])
-            out = logits[start : start + len(kept)]
+            sl = slice(start, start + len(kept))
+            truncated[sl] = flags
+            if cache is None:
+                got, done, c = self._score_prompt(prompt, kept, max_rows, deadline)
+                logits[sl], scored[sl] = got, done
+            else:
+                # Keys: the exact ids around the slot (instruction, template, query) and the cut document.
+                found = cache.lookup(pair_keys(self.score_fingerprint, [key], None, kept))  # type: ignore[list-item]
+                out, done_all = found.logits.copy(), np.ones(len(kept), dtype=bool)
+                c = 0
+                if not found.all_hit:
+                    miss = found.miss
+                    got, done, c = self._score_prompt(prompt, [kept[i] for i in miss.tolist()], max_rows, deadline)
+                    cache.store_misses(found, got, done)
+                    out[miss], done_all[miss] = got, done
+                logits[sl], scored[sl] = out, done_all
+            computed += c
+        self._local.tokens_computed = computed
+        return logits, truncated, scored
+
+    def _score_prompt(
+        self, prompt: Prompt, docs: Sequence[npt.NDArray[np.int32]], rows: int, deadline: float | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], int]:
+        """Logits [n, 1] (NaN where not scored), the scored mask and the tokens computed of
+        documents cut to the prompt's room. With a deadline they go in input order, one batch
+        at a time, and no batch starts at or after it (the encoder kind's rule)."""
+        n = len(docs)
+        logits = np.full((n, 1), np.nan, dtype=np.float32)
+        scored = np.zeros(n, dtype=bool)
+        reuse = self._llm is not None and prompt.suffix.size > 0 and prompt.before.size > 0
+        if n == 0:
+            return logits, scored, 0
+        if deadline is None:
+            spans = [(0, n)]
+        else:
+            extra = prompt.suffix.size + (0 if reuse else prompt.before.size)
+            spans = input_order_chunks([d.size + extra for d in docs], self.batch_tokens, rows)
+        feeds: dict[str, Any] | None = None
+        computed = 0
+        for a, b in spans:
+            if deadline is not None and _clock() >= deadline:
+                break
             if reuse:
                 assert self._llm is not None
-                computed += self._llm.run(prompt, kept, out, batch_tokens=self.batch_tokens, max_batch_size=max_rows)
+                if feeds is None:
+                    feeds = self._llm.prefix(prompt.before)
+                    computed += prompt.before.size
+                asm = self._llm.assemble(prompt.before.size, prompt.suffix, prompt.room, docs[a:b],
+                                         batch_tokens=self.batch_tokens, max_batch_size=rows)
+                computed += self._llm.run_assembly(feeds, asm, logits[a:b], deadline=deadline, scored=scored[a:b],
+                                                   clock=_clock)
             else:
                 worker = self._worker()
-                worker.batcher(self, max_rows)  # sizes the worker's output buffer for these rows
-                assembly = self._full_batcher(prompt.prefix, prompt.suffix, max_rows).assemble(prompt.head, kept)
-                worker.run(self, assembly, out)
-                computed += assembly.padded_tokens
-            truncated[start : start + len(kept)] = flags
-        self._local.tokens_computed = computed
-        return logits, truncated
+                worker.batcher(self, rows)  # sizes the worker's output buffer for these rows
+                asm = self._full_batcher(prompt.prefix, prompt.suffix, rows).assemble(prompt.head, docs[a:b])
+                part = scored[a:b]
+                worker.run(self, asm, logits[a:b], deadline, part)
+                computed += sum(bt.input_ids.size for bt in asm.batches if part[bt.rows].all())
+        return logits, scored, computed
 
     def _full_batcher(self, prefix: npt.NDArray[np.int32], suffix: npt.NDArray[np.int32], rows: int) -> PairBatcher:
         """This thread's batcher of whole prompts for one prefix and suffix (they change with the
@@ -434,15 +509,19 @@ class CrossEncoder:
         return b
 
     def score_prompts(
-        self, query: str, documents: Sequence[npt.NDArray[np.int32]], *, instruction: str | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """LLM rerankers: logits [n, 1] and truncation flags of one query against documents' ids
-        (from :meth:`tokenize_documents`, e.g. a DocStore's), with prefix reuse when on."""
+        self, query: str, documents: Sequence[npt.NDArray[np.int32]], *, instruction: str | None = None,
+        deadline: float | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """LLM rerankers: logits [n, 1] (NaN where not scored), truncation flags and the scored
+        mask of one query against documents' ids (from :meth:`tokenize_documents`, e.g. a
+        DocStore's), with prefix reuse when on and through the score cache when it is on.
+        ``deadline`` (a ``time.monotonic()`` value): documents go in input order, one batch at a
+        time, and no batch starts at or after it."""
         if self.kind != "llm":
             raise ValueError("score_prompts is for LLM rerankers; use score_tokens")
         self._check_instruction(instruction)
         check_text(query, "query")
-        return self._llm_tokens(query, instruction, list(documents), self.max_batch_size)
+        return self._llm_tokens(query, instruction, list(documents), self.max_batch_size, deadline)
 
     def prompt_ids(self, query: str, document: str, *, instruction: str | None = None) -> npt.NDArray[np.int32]:
         """LLM rerankers: the token ids of one (query, document) prompt as scored (cut to
@@ -462,11 +541,12 @@ class CrossEncoder:
         return int(getattr(self._local, "tokens_computed", 0))
 
     def _logits_for_query(
-        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        self, query: str, docs: Sequence[str], max_rows: int, instruction: str | None = None,
+        deadline: float | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         self._check_instruction(instruction)
         if self.kind == "llm":
-            return self._logits_llm(query, docs, max_rows, instruction)
+            return self._logits_llm(query, docs, max_rows, instruction, deadline)
         worker = self._worker()
         batcher = worker.batcher(self, max_rows)
         (q_ids,) = self._encode([query])
@@ -482,7 +562,7 @@ class CrossEncoder:
             assembly = batcher.assemble(q_ids, tokens)
             worker.run(self, assembly, out)
             truncated[start : start + len(chunk)] = assembly.truncated
-        return logits, truncated
+        return logits, truncated, np.ones(len(docs), dtype=bool)
 
     def _score_cached(
         self, batcher: PairBatcher, q_ids: npt.NDArray[np.int32], docs: Sequence[npt.NDArray[np.int32]],
@@ -514,7 +594,8 @@ class CrossEncoder:
         return self._scores(logits)
 
     def predict(
-        self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, instruction: str | None = None
+        self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, instruction: str | None = None,
+        deadline_ms: float | None = None,
     ) -> npt.NDArray[np.float32]:
         """Scores (query, document) pairs.
 
@@ -523,6 +604,9 @@ class CrossEncoder:
                 query, each query tokenized once).
             batch_size: Row cap per batch for this call (default: ``max_batch_size``).
             instruction: LLM rerankers: the task instruction (default: the template's).
+            deadline_ms: LLM rerankers: budget for the call from its start. Pairs are scored in
+                input order, one batch at a time, and no batch starts after the deadline; the
+                pairs left unscored are NaN.
 
         Returns:
             float32 scores in input order: [N], or [N, 2] for two-logit models with
@@ -530,6 +614,7 @@ class CrossEncoder:
         """
         rows = self.max_batch_size if batch_size is None else positive_int(batch_size, "batch_size")
         self._check_instruction(instruction)
+        deadline = self._deadline(deadline_ms)
         items = list(pairs)
         groups: dict[str, list[int]] = {}
         for i, pair in enumerate(items):
@@ -538,7 +623,7 @@ class CrossEncoder:
             groups.setdefault(pair[0], []).append(i)
         logits = np.empty((len(items), self.n_labels), dtype=np.float32)
         for query, idx in groups.items():
-            got, _ = self._logits_for_query(query, [items[i][1] for i in idx], rows, instruction)
+            got, _, _ = self._logits_for_query(query, [items[i][1] for i in idx], rows, instruction, deadline)
             logits[idx] = got
         return self._scores(logits)
 
@@ -550,9 +635,13 @@ class CrossEncoder:
         top_k: int | None = None,
         return_documents: bool = False,
         instruction: str | None = None,
+        deadline_ms: float | None = None,
     ) -> list[dict[str, Any]]:
         """Ranks documents for one query, best first (ties in input order). ``instruction``: for
-        LLM rerankers, the task instruction (default: the template's).
+        LLM rerankers, the task instruction (default: the template's). ``deadline_ms``: LLM
+        rerankers: budget for the call; documents are scored in input order, one batch at a
+        time, no batch starting after it; the unscored follow the scored in input order, with
+        ``score`` None (degraded).
 
         Returns:
             Dicts with ``corpus_id`` (the document's index), ``score``, ``truncated`` (whether the
@@ -565,13 +654,15 @@ class CrossEncoder:
             if not isinstance(d, str):
                 raise TypeError(f"document {i} must be a string, got {type(d).__name__}")
         self._check_instruction(instruction)
+        deadline = self._deadline(deadline_ms)
         if not docs:
             return []
-        logits, truncated = self._logits_for_query(query, docs, self.max_batch_size, instruction)
+        logits, truncated, scored = self._logits_for_query(query, docs, self.max_batch_size, instruction, deadline)
         scores = self._rank_scores(logits)
         out = []
-        for i in _top(scores, top_k):
-            row: dict[str, Any] = {"corpus_id": int(i), "score": float(scores[i]), "truncated": bool(truncated[i])}
+        for i in _top(scores, top_k, scored):
+            row: dict[str, Any] = {"corpus_id": int(i), "score": float(scores[i]) if scored[i] else None,
+                                   "truncated": bool(truncated[i])}
             if return_documents:
                 row["text"] = docs[i]
             out.append(row)
@@ -579,11 +670,11 @@ class CrossEncoder:
 
     def rank_ids(
         self, query: str, store: DocStore, ids: npt.ArrayLike, *, top_k: int | None = None,
-        instruction: str | None = None,
+        instruction: str | None = None, deadline_ms: float | None = None,
     ) -> list[dict[str, Any]]:
         """Ranks pre-tokenized documents held in a DocStore (tokenized with this model's
         tokenizer, without special tokens: :meth:`tokenize_documents`), best first.
-        ``instruction``: for LLM rerankers, the task instruction (default: the template's).
+        ``instruction``, ``deadline_ms``: for LLM rerankers, as :meth:`rank`.
 
         Returns:
             Dicts with ``corpus_id`` (the store id), ``score`` and ``truncated``.
@@ -599,17 +690,19 @@ class CrossEncoder:
                 "tokenize documents with this model's tokenizer"
             )
         self._check_instruction(instruction)
+        deadline = self._deadline(deadline_ms)
         id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if id_arr.size == 0:
             return []
         if self.kind == "llm":
             check_text(query, "query")
             tokens = [store.get(int(i)) for i in id_arr]
-            logits, truncated = self._llm_tokens(query, instruction, tokens, self.max_batch_size)
+            logits, truncated, scored = self._llm_tokens(query, instruction, tokens, self.max_batch_size, deadline)
             scores = self._rank_scores(logits)
             return [
-                {"corpus_id": int(id_arr[i]), "score": float(scores[i]), "truncated": bool(truncated[i])}
-                for i in _top(scores, top_k)
+                {"corpus_id": int(id_arr[i]), "score": float(scores[i]) if scored[i] else None,
+                 "truncated": bool(truncated[i])}
+                for i in _top(scores, top_k, scored)
             ]
         worker = self._worker()
         batcher = worker.batcher(self, self.max_batch_size)
@@ -642,23 +735,101 @@ class CrossEncoder:
         return self._worker().batcher(self, rows)
 
     def score_assembly(
-        self, assembly: Assembly, *, deadline: float | None = None
+        self, assembly: Assembly | PromptAssembly, *, deadline: float | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Runs the batches of an assembly made by this thread's :meth:`batcher`, in order.
 
         Args:
-            assembly: From ``self.batcher().assemble*`` on this thread, before its next assembly.
+            assembly: From ``self.batcher().assemble*`` on this thread, before its next assembly;
+                for an LLM reranker, from :meth:`assemble_prompts` (each prompt's prefix once,
+                then its document batches).
             deadline: A ``time.monotonic()`` value: no batch starts at or after it.
 
         Returns:
             ``(logits, scored)``: float32 [candidates, n_labels] in the assembly's candidate order
             (NaN where not scored) and the bool mask of the scored candidates.
         """
+        if isinstance(assembly, PromptAssembly):
+            return self._score_prompt_assembly(assembly, deadline)
         self._encoder_only("score_assembly")
         n = assembly.truncated.size
         logits = np.full((n, self.n_labels), np.nan, dtype=np.float32)
         scored = np.zeros(n, dtype=bool)
         self._worker().run(self, assembly, logits, deadline, scored)
+        return logits, scored
+
+    # --- the same for LLM rerankers: a request's prompt travels as its prompt_key --------------
+
+    def prepare_prompts(self, query: str, documents: Sequence[npt.NDArray[np.int32]], *,
+                        instruction: str | None = None) -> PromptPairs:
+        """LLM rerankers: one request's pairs for a scheduler (documents' ids from
+        :meth:`document_tokens` or a DocStore): its prompt key, the documents cut to the room
+        the prompt leaves, the tokens each pair costs after the prefix, and the truncation flags."""
+        if self.kind != "llm":
+            raise ValueError("prepare_prompts is for LLM rerankers")
+        self._check_instruction(instruction)
+        check_text(query, "query")
+        return prompt_pairs(self._prompts.prompt(query, instruction), list(documents))
+
+    def assemble_prompts(self, queries: Sequence[npt.NDArray[np.int32]], query_index: npt.ArrayLike,
+                         documents: Sequence[npt.NDArray[np.int32]], *,
+                         keep_ends: npt.ArrayLike | None = None) -> PromptAssembly:
+        """LLM rerankers: the ``assemble_multi`` of prompts: document i goes with the prompt key
+        ``queries[query_index[i]]`` (from :meth:`prepare_prompts`). Pairs are grouped by prompt,
+        identical keys in one group, so that each distinct prefix runs once when
+        :meth:`score_assembly` runs the assembly (on any thread)."""
+        if self.kind != "llm":
+            raise ValueError("assemble_prompts is for LLM rerankers; use batcher().assemble_multi")
+        if keep_ends is not None and np.asarray(keep_ends, dtype=bool).any():
+            raise ValueError("LLM rerankers cut documents at their end only (no left truncation)")
+        index = np.asarray(query_index, dtype=np.int64).reshape(-1)
+        docs = list(documents)
+        if index.size != len(docs) or (index.size and (index.min() < 0 or index.max() >= len(queries))):
+            raise ValueError("query_index must give one query position per document")
+        group_of: dict[bytes, int] = {}
+        which = np.empty(len(queries), dtype=np.int64)
+        for i, q in enumerate(queries):
+            which[i] = group_of.setdefault(np.asarray(q, dtype=np.int32).tobytes(), len(group_of))
+        by_doc = which[index] if index.size else index
+        groups = []
+        for key_bytes, g in group_of.items():
+            rows = np.flatnonzero(by_doc == g).astype(np.int64)
+            if rows.size == 0:
+                continue
+            before, suffix = split_prompt_key(np.frombuffer(key_bytes, dtype=np.int32))
+            room = self.max_length - before.size - suffix.size
+            if room < 0:
+                raise ValueError(f"a prompt of {before.size + suffix.size} tokens exceeds max_length {self.max_length}")
+            part = [docs[i][:room] for i in rows.tolist()]
+            if self._llm is not None and before.size and suffix.size:
+                asm = self._llm.assemble(before.size, suffix, room, part, batch_tokens=self.batch_tokens,
+                                         max_batch_size=self.max_batch_size)
+                groups.append(PromptGroup(before, asm, rows))
+            else:  # whole prompts: the prefix as the template's fixed tokens
+                asm = self._full_batcher(before, suffix, self.max_batch_size).assemble(_EMPTY_IDS, part)
+                groups.append(PromptGroup(None, asm, rows))
+        return PromptAssembly(groups, np.zeros(len(docs), dtype=bool))
+
+    def _score_prompt_assembly(self, assembly: PromptAssembly, deadline: float | None
+                               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        n = assembly.truncated.size
+        logits = np.full((n, 1), np.nan, dtype=np.float32)
+        scored = np.zeros(n, dtype=bool)
+        for g in assembly.groups:
+            if deadline is not None and _clock() >= deadline:
+                break
+            out = np.full((g.rows.size, 1), np.nan, dtype=np.float32)
+            done = np.zeros(g.rows.size, dtype=bool)
+            if g.before is None:
+                worker = self._worker()
+                worker.batcher(self, self.max_batch_size)  # sizes the worker's output buffer
+                worker.run(self, g.assembly, out, deadline, done)
+            else:
+                assert self._llm is not None
+                feeds = self._llm.prefix(g.before)  # once per prompt in the assembly
+                self._llm.run_assembly(feeds, g.assembly, out, deadline=deadline, scored=done, clock=_clock)
+            logits[g.rows] = out
+            scored[g.rows] = done
         return logits, scored
 
     def scores_from_logits(self, logits: npt.ArrayLike, *, raw: bool = False) -> npt.NDArray[np.float32]:
@@ -729,8 +900,8 @@ class CrossEncoder:
         # The schedulers batch (query, document) token pairs of an encoder's template; an LLM
         # prompt needs its prefix/suffix per request, which they do not carry yet.
         if self.kind == "llm":
-            raise ModelError(f"{what}: the pair batch schedulers do not run LLM rerankers; "
-                             "use predict, rank, rank_ids or score_prompts")
+            raise ModelError(f"{what}: an LLM reranker's pairs are prompts, not (query, document) token "
+                             "pairs; use predict, rank, rank_ids, score_prompts or prepare_prompts/assemble_prompts")
 
     def __repr__(self) -> str:
         return (
@@ -753,14 +924,22 @@ def _score_fingerprint(o: CrossEncoder, onnx_path: Path) -> bytes:
         "truncation": "longest_first",
         "template": [list(p) for p in o._template.pieces] + [o._template.pad_id],
         "rerank_template": None if o.rerank_template is None else o.rerank_template.to_json(),
+        "prefix_reuse": o._llm is not None,  # the two LLM paths agree within 1e-4, not bit for bit
         "n_labels": o.n_labels,
         "dtypes": [str(o._in_dtype), str(o._out_dtype)],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()
 
 
-def _top(scores: npt.NDArray[np.float32], top_k: int | None) -> npt.NDArray[np.int64]:
-    order = np.argsort(-scores.astype(np.float64), kind="stable")
+def _top(scores: npt.NDArray[np.float32], top_k: int | None,
+         scored: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int64]:
+    """Best first (ties in input order); with ``scored``, the unscored after them in input order."""
+    if scored is not None and not scored.all():
+        done = np.flatnonzero(scored)
+        best = done[np.argsort(-scores[done].astype(np.float64), kind="stable")]
+        order = np.concatenate([best, np.flatnonzero(~scored)]).astype(np.int64)
+    else:
+        order = np.argsort(-scores.astype(np.float64), kind="stable")
     if top_k is not None:
         order = order[: positive_int(top_k, "top_k")]
     return order

@@ -79,9 +79,12 @@ def optimize(
         raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     src_dir = Path(model_dir)
     src = find_onnx(src_dir)
-    if (src_dir / "rerank_template.json").is_file():
-        # Three graphs (full prompt, prefix, continuation) would each need the rewrite and the gate.
-        raise ModelError(f"{src_dir} is an LLM reranker; tailrank optimize does not rewrite those yet")
+    if (src_dir / "rerank_template.json").is_file():  # an LLM reranker: its own recipe (fp16 only)
+        from ._optimize_llm import optimize_llm
+
+        return optimize_llm(src_dir, out_dir, precision=precision, force=force,
+                            samples=_load_samples(sample_pairs, src_dir), min_tau=min_tau, min_top1=min_top1,
+                            threads=threads, gate=_gate, fidelity=fidelity)
     config = read_json(src_dir / "config.json", "config.json")
     if precision == "bf16" and not openvino_available():
         raise ModelError(_bf16_refusal())

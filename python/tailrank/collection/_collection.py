@@ -839,8 +839,6 @@ class Collection:
         llm = rr is not None and rr.kind == "llm"
         if instruction is not None and not (plan.rerank and llm):
             raise ValueError("instruction= is for searches reranked by an LLM reranker")
-        if llm and plan.rerank and deadline is not None:
-            raise ValueError("deadline_ms is not supported with an LLM reranker yet")
         t = time.perf_counter()
         qvec = self.embedder.encode([query])[0]
         embed_ms = ms(t)
@@ -856,9 +854,9 @@ class Collection:
         if llm:
             assert cands.docs is not None
             t = time.perf_counter()
-            logits, truncated = rr.score_prompts(query, cands.docs, instruction=instruction)
+            # Candidates best first-stage first: a deadline leaves the rest in first-stage order.
+            logits, truncated, scored = rr.score_prompts(query, cands.docs, instruction=instruction, deadline=deadline)
             timings["score"] = ms(t)
-            scored = np.ones(len(cands.docs), dtype=bool)
         elif cands.assembly is not None or deadline is None:
             assembly = cands.assembly
             if assembly is None and rr.score_cache is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._runner import input_order_chunks
 from ..cross_encoder import CrossEncoder
 from ._inputs import DocId
 
@@ -118,15 +119,9 @@ def _score_by_deadline(
     truncated = np.zeros(n, dtype=bool)
     batcher = rr.batcher()
     lengths = [sum(batcher.truncate_lengths(q_tok.size, len(d))) + rr._template.n_special for d in docs]
-    start = 0
-    while start < n and time.monotonic() < deadline:
-        # The longest prefix whose padded batch fits the token budget and the row cap.
-        end, longest = start, 0
-        while end < n and end - start < rr.max_batch_size:
-            longest2 = max(longest, lengths[end])
-            if longest2 * (end - start + 1) > rr.batch_tokens and end > start:
-                break
-            longest, end = longest2, end + 1
+    for start, end in input_order_chunks(lengths, rr.batch_tokens, rr.max_batch_size):
+        if time.monotonic() >= deadline:
+            break
         t = time.perf_counter()
         assembly = batcher.assemble(q_tok, docs[start:end])
         timings["assemble"] += ms(t)
@@ -136,7 +131,6 @@ def _score_by_deadline(
         logits[start:end] = got
         scored[start:end] = done
         truncated[start:end] = assembly.truncated
-        start = end
     return logits, scored, truncated
 
 

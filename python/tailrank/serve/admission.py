@@ -93,6 +93,18 @@ class Admission:
         est = np.minimum(chars / self.chars_per_token, max_length - n_special) + n_special
         return int(est.sum())
 
+    def estimate_prompt_tokens(self, prompt_chars: int, text_chars: list[int], fixed_before: int, suffix: int,
+                               max_length: int) -> int:
+        """An LLM request's tokens guessed from characters: the prefix once (the template's own
+        tokens plus the query and instruction), then each document (cut to the room left) and
+        the suffix: what its rounds compute."""
+        if not text_chars:
+            return 0
+        before = fixed_before + prompt_chars / self.chars_per_token
+        room = max(0.0, max_length - before - suffix)
+        docs = np.minimum(np.asarray(text_chars, dtype=np.float64) / self.chars_per_token, room) + suffix
+        return int(before + docs.sum())
+
     def _ahead_s(self, now: float) -> float:
         """Seconds of admitted work before a new request's turn (lock held)."""
         ahead = self.queued_tokens

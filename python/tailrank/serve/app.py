@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._ort import Priority, check_priority, lower_thread_priority
 from .._validate import positive_int
-from ..errors import BackendError, ModelError
+from ..errors import BackendError
 from .admission import Admission
 from .errors import ServeError, error_of, error_response
 from .executor import Executor, calibrate_reranker
@@ -66,9 +66,14 @@ def _tokenize_nice(scoring: Priority) -> int:
 
 def _rerank_runner(model: Reranker) -> Callable[[], Callable[[Any, float], Any]]:
     def make() -> Callable[[Any, float], Any]:
-        model.batcher()
+        if not _is_llm(model):  # an LLM reranker's continuation graph binds per batch
+            model.batcher()
         return lambda assembly, deadline: model.score_assembly(assembly, deadline=deadline)
     return make
+
+
+def _is_llm(model: Any) -> bool:
+    return getattr(model, "kind", "encoder") == "llm"
 
 
 def _embed_runner(emb: Any) -> Callable[[], Callable[[Any, float], Any]]:
@@ -120,7 +125,9 @@ def create_app(
     Args:
         reranker: A ``tailrank.CrossEncoder`` (or any object with its ``batcher``,
             ``score_assembly``, ``scores_from_logits``, ``tokenize``, ``max_length`` and
-            ``n_labels``), or a model directory to load one from.
+            ``n_labels``), or a model directory to load one from. An LLM reranker
+            (``kind == "llm"``) is served through ``prepare_prompts`` / ``assemble_prompts``
+            instead of ``batcher``, and its requests may carry an ``instruction``.
         collection: A ``tailrank.Collection`` (or its directory) served at ``POST /search``.
         api_key: When set, every endpoint but ``/health`` requires ``Authorization: Bearer <key>``.
         max_batch_tokens: Real tokens per scheduling round (default: the model's batch_tokens,
@@ -156,10 +163,7 @@ def create_app(
         reranker = CrossEncoder(reranker, threads=threads, spin=False, nice=scoring_nice,
                                 cache_bytes=score_cache_bytes)
     model: Reranker = reranker
-    if getattr(model, "kind", "encoder") == "llm":
-        # Its prompts need a prefix and suffix per request, which the cross-request rounds do not carry.
-        raise ModelError(f"tailrank serve does not serve LLM rerankers yet ({getattr(model, 'model_dir', '')}); "
-                         "use CrossEncoder.rank or Collection.search in Python")
+    llm = _is_llm(model)
     if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
         raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s}")
     limits = limits or Limits()
@@ -179,12 +183,19 @@ def create_app(
     metrics = ServeMetrics()
     admission = Admission(max_queue_pairs=limits.max_queue_pairs)
     queue = Queue(admission, metrics)
+    # An LLM request's pairs carry its prompt key as their query: the round's assembly groups
+    # them by prompt, so each request's prefix runs once per round (see assemble_prompts).
     queue.add_kind("rerank", max_batch_tokens=max_batch_tokens,
-                   make_assembler=lambda: model.batcher().assemble_multi)
+                   make_assembler=lambda: cast(Any, model).assemble_prompts if llm else model.batcher().assemble_multi)
     executors = {"rerank": Executor(queue, "rerank", _rerank_runner(model),
                                     calibrate=lambda: calibrate_reranker(model, max_batch_tokens),
                                     round_hook=round_hook, nice=scoring_nice)}
     extra: dict[str, Any] = {}
+    if llm:  # the template's own tokens (no query, no instruction), for admission's estimate
+        pp = cast(Any, model).prepare_prompts("", [], instruction="")
+        extra["llm_prompt_tokens"] = (int(pp.prompt_tokens), int(pp.key.size - pp.prompt_tokens - 1))
+        template = getattr(model, "rerank_template", None)
+        extra["llm_default_instruction_chars"] = len(getattr(template, "default_instruction", None) or "")
     if collection is not None:
         emb = collection.embedder
         queue.add_kind("embed", max_batch_tokens=max(int(emb.batch_tokens), int(emb.max_length)),
@@ -197,7 +208,7 @@ def create_app(
     tokenize_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="tailrank-tokenize",
                                        initializer=lower_thread_priority,
                                        initargs=(_tokenize_nice(scoring_nice),))
-    server = Server(model, model.batcher(), admission, queue, executors, metrics, limits,
+    server = Server(model, None if llm else model.batcher(), admission, queue, executors, metrics, limits,
                     float(default_deadline_ms), auto_truncate, name, tokenize_pool, collection, extra=extra,
                     score_cache=RequestCache.for_model(model, score_cache_bytes))
     if server.score_cache is not None:

@@ -15,6 +15,7 @@ _LIMIT_FLAGS = (  # flag, Limits field, help
     ("--max-documents", "max_documents", "documents per rerank request (default 1000)"),
     ("--max-document-chars", "max_document_chars", "characters per document (default 100000)"),
     ("--max-query-chars", "max_query_chars", "characters of a query (default 10000)"),
+    ("--max-instruction-chars", "max_instruction_chars", "characters of an LLM reranker's instruction (default 10000)"),
     ("--max-request-tokens", "max_request_tokens", "tokens of a request's pairs after truncation (default 524288)"),
     ("--max-body-bytes", "max_body_bytes", "request body size (default 8 MiB)"),
     ("--max-queue-pairs", "max_queue_pairs", "pairs admitted and not yet scored, server-wide (default 20000)"),

@@ -126,6 +126,8 @@ class Executor:
 def calibrate_reranker(model: Any, max_batch_tokens: int) -> float:
     """Real tokens/s of ``model`` on one round of synthetic pairs (pad tokens), run twice (the
     second, warm run counts)."""
+    if getattr(model, "kind", "encoder") == "llm":
+        return _calibrate_llm(model, max_batch_tokens)
     batcher = model.batcher()
     n_special = int(batcher.template.n_special)
     pad = int(batcher.template.pad_id)
@@ -138,6 +140,22 @@ def calibrate_reranker(model: Any, max_batch_tokens: int) -> float:
     for _ in range(2):
         t0 = time.perf_counter()
         assembly = batcher.assemble_multi([query], np.zeros(rows, dtype=np.int64), docs)
+        model.score_assembly(assembly)
+        dt = time.perf_counter() - t0
+    return float(assembly.real_tokens) / max(dt, 1e-6)
+
+
+def _calibrate_llm(model: Any, max_batch_tokens: int) -> float:
+    """The same for an LLM reranker: one default prompt (its prefix once) and documents filling
+    the room it leaves, as one round."""
+    probe = model.prepare_prompts("", [])
+    room = int(model.max_length) - int(probe.key.size) + 1  # the key holds one separator
+    pp = model.prepare_prompts("", [np.full(max(1, room - 8), int(probe.key[0]), dtype=np.int32)])
+    rows = max(1, max_batch_tokens // int(model.max_length))
+    dt = 1e-6
+    for _ in range(2):
+        t0 = time.perf_counter()
+        assembly = model.assemble_prompts([pp.key], np.zeros(rows, dtype=np.int64), pp.docs * rows)
         model.score_assembly(assembly)
         dt = time.perf_counter() - t0
     return float(assembly.real_tokens) / max(dt, 1e-6)

@@ -74,13 +74,15 @@ class Job:
         self.lengths = pairs.lengths
         self.keep_ends = pairs.keep_ends
         self.cum_tokens = np.concatenate(([0], np.cumsum(pairs.lengths))).astype(np.int64)
+        # LLM rerankers: the prompt's prefix tokens, run once in each round that holds this job.
+        self.prompt_tokens = int(pairs.prompt_tokens)
         self.deadline = deadline
         self.n = len(pairs.docs)
         self.values = np.full((self.n, width), np.nan, dtype=np.float32)
         self.scored = np.zeros(self.n, dtype=bool)
         self.next = 0  # first pair not yet handed to a round
         self.unprocessed = self.n  # pairs neither scored nor given up
-        self.unprocessed_tokens = int(self.cum_tokens[-1])
+        self.unprocessed_tokens = int(self.cum_tokens[-1]) + self.prompt_tokens
         self.done = False
         self.enqueued = 0.0
         self.started: float | None = None
@@ -89,7 +91,7 @@ class Job:
 
     @property
     def tokens(self) -> int:
-        return int(self.cum_tokens[-1])
+        return int(self.cum_tokens[-1]) + self.prompt_tokens
 
     def tokens_between(self, a: int, b: int) -> int:
         return int(self.cum_tokens[b] - self.cum_tokens[a])
@@ -330,7 +332,8 @@ class Queue:
             # Tokens that still end before every deadline in the round (this job's included).
             left = min(round_deadline, job.deadline) - start - ROUND_OVERHEAD_S
             by_time = left * _PLAN_SHARE * rate - tokens if rate > 0 else math.inf
-            room = min(lane.budget - tokens, by_time)
+            # An LLM job's prefix runs once in this round on top of its pairs' tokens.
+            room = min(lane.budget - tokens, by_time) - job.prompt_tokens
             a = job.next
             b = int(np.searchsorted(job.cum_tokens, job.cum_tokens[a] + room, side="right")) - 1
             b = min(max(b, a), job.n)
@@ -344,7 +347,7 @@ class Queue:
                 self._finish_locked(job, job.snapshot(now))
                 continue
             items.append((job, a, b))
-            tokens += job.tokens_between(a, b)
+            tokens += job.tokens_between(a, b) + job.prompt_tokens
             round_deadline = min(round_deadline, job.deadline)
             job.next = b
             if b < job.n:

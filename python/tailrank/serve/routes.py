@@ -38,7 +38,7 @@ from .schemas import (
     SearchResponse,
     TeiRerankRequest,
 )
-from .validate import Limits, Pairs, RerankSpec, deadline_s, rerank_spec, search_spec, tokenize_pairs
+from .validate import Limits, Pairs, RerankSpec, deadline_s, prompt_pairs, rerank_spec, search_spec, tokenize_pairs
 
 __all__ = ["Reranker", "Server", "add_routes", "RERANK_PATHS"]
 
@@ -91,6 +91,11 @@ class Server:
     pending_searches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     score_cache: RequestCache | None = None
+
+    @property
+    def llm(self) -> bool:
+        """The served model is an LLM reranker: pairs travel as prompt keys (``prepare_prompts``)."""
+        return getattr(self.model, "kind", "encoder") == "llm"
 
     @property
     def n_special(self) -> int:
@@ -154,6 +159,12 @@ class Server:
 
     def _estimate(self, spec: RerankSpec, which: Any) -> int:
         """Estimated tokens of the request's pairs ``which`` (before tokenizing)."""
+        if self.llm:
+            fixed_before, suffix = self.extra["llm_prompt_tokens"]
+            inst = len(spec.instruction) if spec.instruction is not None else self.extra["llm_default_instruction_chars"]
+            chars = len(spec.query) + inst
+            return self.admission.estimate_prompt_tokens(chars, [len(spec.texts[i]) for i in which], fixed_before,
+                                                         suffix, int(self.model.max_length))
         return self.admission.estimate_tokens(len(spec.query), [len(spec.texts[i]) for i in which],
                                               int(self.model.max_length), self.n_special)
 
@@ -177,7 +188,8 @@ class Server:
 
     # -- the search pipeline ------------------------------------------------------------------
 
-    async def search(self, request: Request, plan: Any, deadline: float, arrival: float) -> Any:
+    async def search(self, request: Request, plan: Any, deadline: float, arrival: float,
+                     instruction: str | None = None) -> Any:
         """One search as jobs of the same queue: the query's embedding (an ``embed`` job), the
         first stage on one committed state (the search pool), the candidates' pairs (a
         ``rerank`` job, EDF with every /rerank), then the collection's own finishing stage.
@@ -218,7 +230,14 @@ class Server:
         cands.timings["embed"] = embed_ms
         if not plan.rerank or cands.keys.size == 0 or cands.docs is None:
             return coll.finish_search(plan, cands, t0=t0)
-        pairs = _candidate_pairs(rr_tok, cands.docs, int(self.model.max_length), self.n_special)
+        if self.llm:  # the prompt around the slot is tokenized here, off the loop
+            with self.refusing():
+                pairs, truncated = await loop.run_in_executor(
+                    self.tokenize_pool, prompt_pairs, self.model, plan.query, cands.docs, instruction)
+        else:
+            pairs = _candidate_pairs(rr_tok, cands.docs, int(self.model.max_length), self.n_special)
+            body = int(self.model.max_length) - self.n_special
+            truncated = (rr_tok.size + np.fromiter((d.size for d in cands.docs), np.int64, len(cands.docs))) > body
         found = await loop.run_in_executor(self.tokenize_pool, self.lookup, pairs) if self.score_cache else None
         result = await self.score_pairs(pairs, found, deadline, request, degrade_on_refusal=True)
         cands.timings["queue"] = result.queue_s * 1000.0
@@ -226,8 +245,6 @@ class Server:
         if result.degraded:
             self.metrics.degraded.inc()
         scores = self.model.scores_from_logits(np.nan_to_num(result.values))
-        body = int(self.model.max_length) - self.n_special
-        truncated = (rr_tok.size + np.fromiter((d.size for d in cands.docs), np.int64, len(cands.docs))) > body
         return coll.finish_search(plan, cands, scores, result.scored, truncated, t0=t0)
 
     async def _first_stage(self, plan: Any, vec: npt.NDArray[np.float32], rr_tok: Any) -> Any:
@@ -369,7 +386,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
         t0 = arrival_of(request.scope)
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
         with server.refusing():
-            spec = rerank_spec(body, server.limits, auto_truncate=server.auto_truncate)
+            spec = rerank_spec(body, server.limits, auto_truncate=server.auto_truncate, llm=server.llm)
         result, t_tok, tokens = None, 0.0, 0
         if spec.texts:
             result, t_tok, tokens = await server.rerank(request, spec, deadline)
@@ -400,10 +417,10 @@ def add_routes(app: FastAPI, server: Server) -> None:
             raise ServeError(404, "no collection is served (start with --collection DIR)", "not_found")
         deadline = t0 + deadline_s(x_request_timeout_ms, body.deadline_ms, server.default_deadline_ms)
         with server.refusing():
-            spec = search_spec(body, server.limits)
+            spec = search_spec(body, server.limits, llm=server.llm)
             plan = server.collection.plan_search(spec.query, k=spec.k, candidates=spec.candidates,
                                                  filter=spec.filter, rerank=spec.rerank, **spec.options)
-        res = await server.search(request, plan, deadline, t0)
+        res = await server.search(request, plan, deadline, t0, spec.instruction)
         return _search_response(server, res, t0)
 
     @app.get("/health", tags=["ops"])

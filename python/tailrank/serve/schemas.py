@@ -28,6 +28,13 @@ _DEADLINE = Field(
 )
 
 
+_INSTRUCTION = Field(
+    default=None,
+    description="LLM rerankers: the task instruction of the prompt (default: the model's template's). "
+    "Refused (422) when the served model is a sequence classifier, which has no instruction slot.",
+)
+
+
 class _Strict(BaseModel):
     # JSON types exactly (no "5" for 5); unknown fields are ignored, as SDKs add fields over time.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -48,6 +55,7 @@ class CohereRerankRequest(_Strict):
     max_chunks_per_doc: int | None = Field(default=None, description="Accepted and ignored (no chunking).")
     priority: int | None = Field(default=None, description="Accepted and ignored.")
     deadline_ms: float | None = _DEADLINE
+    instruction: str | None = _INSTRUCTION
 
 
 class TeiRerankRequest(_Strict):
@@ -63,6 +71,7 @@ class TeiRerankRequest(_Strict):
     )
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
     deadline_ms: float | None = _DEADLINE
+    instruction: str | None = _INSTRUCTION
 
 
 def dialect_of(body: Any) -> str:
@@ -111,6 +120,7 @@ class SearchRequest(_Strict):
         default=None, description="How reranked hits are ranked (see Collection.search); null: the collection's default.")
     fusion_weight: float | None = Field(
         default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="Linear fusion: the reranker's weight in [0, 1].")
+    instruction: str | None = _INSTRUCTION
 
 
 # --- responses (documentation of the OpenAPI schema; the handlers build plain dicts) -------------

@@ -65,10 +65,10 @@ class RequestCache:
     @staticmethod
     def request_digest(spec: RerankSpec) -> bytes:
         """A digest of what decides a request's token ids: its texts (validated Unicode) and how
-        they are cut (side, per-document cap)."""
+        they are cut (side, per-document cap) and, for an LLM reranker, its instruction."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{int(spec.left)}|{spec.max_tokens_per_doc}|{len(spec.texts)}|".encode())
-        for t in (spec.query, *spec.texts):
+        h.update(f"{int(spec.left)}|{spec.max_tokens_per_doc}|{len(spec.texts)}|{int(spec.instruction is None)}|".encode())
+        for t in (spec.query, *([] if spec.instruction is None else [spec.instruction]), *spec.texts):
             b = t.encode("utf-8")
             h.update(len(b).to_bytes(8, "little"))
             h.update(b)
@@ -116,7 +116,7 @@ class RequestCache:
         m = found.miss
         ends = None if pairs.keep_ends is None else pairs.keep_ends[m]
         return Pairs(pairs.queries, pairs.query_index[m], [pairs.docs[i] for i in m.tolist()], pairs.lengths[m],
-                     ends if ends is not None and ends.any() else None)
+                     ends if ends is not None and ends.any() else None, pairs.prompt_tokens)
 
     def finish(self, found: CacheLookup, result: JobResult | None) -> JobResult:
         """Hook (c): stores the scored logits of the misses' job (``result``, in miss order; None

@@ -22,7 +22,7 @@ from .errors import ServeError
 from .schemas import MAX_DEADLINE_MS, CohereRerankRequest, SearchRequest, TeiRerankRequest, document_text
 
 __all__ = ["Limits", "RerankSpec", "SearchSpec", "Pairs", "deadline_s", "rerank_spec", "search_spec",
-           "tokenize_pairs"]
+           "tokenize_pairs", "prompt_pairs", "check_instruction"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Limits:
         max_documents: Documents per rerank request.
         max_document_chars: Characters per document.
         max_query_chars: Characters of the query.
+        max_instruction_chars: Characters of an LLM reranker's ``instruction``.
         max_request_tokens: Tokens of all of a request's pairs after truncation.
         max_body_bytes: Request body size (checked on Content-Length and while reading).
         max_queue_pairs: Pairs admitted and not yet scored, server-wide (429 beyond).
@@ -45,6 +46,7 @@ class Limits:
     max_documents: int = 1000
     max_document_chars: int = 100_000
     max_query_chars: int = 10_000
+    max_instruction_chars: int = 10_000
     max_request_tokens: int = 524_288
     max_body_bytes: int = 8 << 20
     max_queue_pairs: int = 20_000
@@ -78,6 +80,7 @@ class RerankSpec:
     truncate: bool  # cut pairs longer than max_length (else 413)
     left: bool  # keep the ends of over-long pairs (TEI truncation_direction=left)
     max_tokens_per_doc: int | None
+    instruction: str | None = None  # an LLM reranker's task instruction (None: the template's)
 
     @property
     def chars(self) -> int:
@@ -93,15 +96,32 @@ def _check_texts(query: str, texts: list[str], field_name: str, limits: Limits) 
                    hint=" per document (--max-document-chars)")
 
 
-def rerank_spec(body: CohereRerankRequest | TeiRerankRequest, limits: Limits, *, auto_truncate: bool) -> RerankSpec:
-    """The canonical job of a rerank body; raises LimitError / ValueError."""
+def check_instruction(instruction: str | None, limits: Limits, *, llm: bool) -> None:
+    """The one check of a request's ``instruction`` field (both rerank dialects and search)."""
+    if instruction is None:
+        return
+    if not llm:
+        raise ValueError("instruction is for LLM rerankers; the served model is a sequence classifier "
+                         "(no instruction slot): leave the field out")
+    check_text(instruction, "instruction", max_chars=limits.max_instruction_chars, hint=" (--max-instruction-chars)")
+
+
+def rerank_spec(body: CohereRerankRequest | TeiRerankRequest, limits: Limits, *, auto_truncate: bool,
+                llm: bool = False) -> RerankSpec:
+    """The canonical job of a rerank body; raises LimitError / ValueError. ``llm``: the served
+    model is an LLM reranker (the only kind with an instruction)."""
+    check_instruction(body.instruction, limits, llm=llm)
     if isinstance(body, TeiRerankRequest):
         _check_texts(body.query, body.texts, "texts", limits)
         truncate = auto_truncate if body.truncate is None else body.truncate
-        return RerankSpec(body.query, list(body.texts), truncate, body.truncation_direction.lower() == "left", None)
+        left = body.truncation_direction.lower() == "left"
+        if left and llm:
+            raise ValueError("truncation_direction left: an LLM reranker cuts documents at their end, as its "
+                             "model card does")
+        return RerankSpec(body.query, list(body.texts), truncate, left, None, body.instruction)
     texts = [document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     _check_texts(body.query, texts, "documents", limits)
-    return RerankSpec(body.query, texts, True, False, body.max_tokens_per_doc)
+    return RerankSpec(body.query, texts, True, False, body.max_tokens_per_doc, body.instruction)
 
 
 @dataclass
@@ -115,15 +135,20 @@ class Pairs:
     docs: list[npt.NDArray[np.int32]]
     lengths: npt.NDArray[np.int64]
     keep_ends: npt.NDArray[np.bool_] | None = None
+    # LLM rerankers: each query here is a prompt key, whose prefix tokens run once per round on
+    # top of the pairs' own (document + suffix) tokens in ``lengths``.
+    prompt_tokens: int = 0
 
     @property
     def tokens(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.lengths.sum()) + self.prompt_tokens
 
 
 def tokenize_pairs(model: Any, rules: Any, spec: RerankSpec, limits: Limits) -> Pairs:
     """Tokenizes a request's pairs (on a worker thread). ``rules`` is a PairBatcher of the model:
     its template and truncation rule, thread-safe."""
+    if getattr(model, "kind", "encoder") == "llm":
+        return _tokenize_prompts(model, spec, limits)
     (q,) = model.tokenize([spec.query])
     # Left truncation keeps the ends, which the token cache (that keeps starts) cannot give.
     docs = model.tokenize(spec.texts) if spec.left else model.document_tokens(spec.texts, q.size)
@@ -140,10 +165,35 @@ def tokenize_pairs(model: Any, rules: Any, spec: RerankSpec, limits: Limits) -> 
     # Only cut pairs are marked: a pair that fits is the same whichever side truncation keeps.
     keep_ends = over if spec.left and over.any() else None
     pairs = Pairs([q], np.zeros(len(docs), dtype=np.int64), docs, np.minimum(raw, body) + n_special, keep_ends)
+    return _within_request_tokens(pairs, limits)
+
+
+def _within_request_tokens(pairs: Pairs, limits: Limits) -> Pairs:
     if pairs.tokens > limits.max_request_tokens:
         raise LimitError(f"the request is {pairs.tokens} tokens after truncation; the limit is "
                          f"{limits.max_request_tokens} (--max-request-tokens)")
     return pairs
+
+
+def prompt_pairs(model: Any, query: str, docs: list[npt.NDArray[np.int32]], instruction: str | None) -> tuple[Pairs, Any]:
+    """An LLM request's pairs: one prompt key as the query, documents cut to its room; and the
+    model's truncation flags."""
+    pp = model.prepare_prompts(query, docs, instruction=instruction)
+    return Pairs([pp.key], np.zeros(len(pp.docs), dtype=np.int64), pp.docs, pp.lengths,
+                 prompt_tokens=pp.prompt_tokens), pp.truncated
+
+
+def _tokenize_prompts(model: Any, spec: RerankSpec, limits: Limits) -> Pairs:
+    """The LLM kind of :func:`tokenize_pairs`: documents' segment ids through the token cache."""
+    docs = model.document_tokens(spec.texts, 0)
+    if spec.max_tokens_per_doc is not None:
+        docs = [d[: spec.max_tokens_per_doc] for d in docs]
+    pairs, cut = prompt_pairs(model, spec.query, docs, spec.instruction)
+    if cut.any() and not spec.truncate:
+        i = int(np.argmax(cut))
+        raise LimitError(f"document {i} with the query does not fit the model's {model.max_length} tokens "
+                         "(send truncate: true)")
+    return _within_request_tokens(pairs, limits)
 
 
 @dataclass(frozen=True)
@@ -157,14 +207,18 @@ class SearchSpec:
     filter: dict[str, Any] | None
     rerank: bool
     options: dict[str, Any] = field(default_factory=dict)
+    instruction: str | None = None
 
 
-_SEARCH_FIELDS = ("query", "k", "candidates", "filter", "rerank", "deadline_ms")
+_SEARCH_FIELDS = ("query", "k", "candidates", "filter", "rerank", "deadline_ms", "instruction")
 
 
-def search_spec(body: SearchRequest, limits: Limits) -> SearchSpec:
+def search_spec(body: SearchRequest, limits: Limits, *, llm: bool = False) -> SearchSpec:
     """The canonical job of a search body; raises LimitError / ValueError."""
     check_text(body.query, "the query", max_chars=limits.max_query_chars, hint=" (--max-query-chars)")
+    check_instruction(body.instruction, limits, llm=llm)
+    if body.instruction is not None and not body.rerank:
+        raise ValueError("instruction is for searches reranked by an LLM reranker (rerank is false)")
     if body.k > limits.max_k:
         raise LimitError(f"k is {body.k}; the limit is {limits.max_k} (--max-k)")
     if body.candidates > limits.max_candidates:
@@ -175,7 +229,7 @@ def search_spec(body: SearchRequest, limits: Limits) -> SearchSpec:
             raise LimitError(f"the filter has {n} keys and values; the limit is {limits.max_filter_nodes} "
                              "(--max-filter-nodes)")
     options = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k not in _SEARCH_FIELDS}
-    return SearchSpec(body.query, body.k, body.candidates, body.filter, body.rerank, options)
+    return SearchSpec(body.query, body.k, body.candidates, body.filter, body.rerank, options, body.instruction)
 
 
 def _filter_nodes(node: Any, where: str, depth: int) -> int:
