@@ -162,8 +162,8 @@ def _per_token(tag: str, x: str, y: str, wq: str, ws: str, wz: str, k: int) -> t
 
     p = tag + "_tok_"
     consts = {"inv127": np.float32(1 / 127), "eps": np.float32(1e-8), "zp": np.uint8(128), "one": np.float32(1.0),
-              "c128": np.float32(128.0), "zero": np.float32(0.0), "rows": np.array([-1], np.int64),
-              "mat": np.array([-1, k], np.int64), "last": np.array([-1], np.int64), "col": np.array([-1, 1], np.int64)}
+              "c128": np.float32(128.0), "zero": np.float32(0.0),
+              "mat": np.array([-1, k], np.int64), "last": np.array([-1], np.int64)}
     inits = [numpy_helper.from_array(np.asarray(v), p + name) for name, v in consts.items()]
     c = {name: p + name for name in consts}
     nodes = [

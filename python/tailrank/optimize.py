@@ -321,7 +321,7 @@ def _quantize_smooth(src: Path, dst: Path, model_dir: Path, samples: SampleSet, 
     """Smoothing calibrated on ``samples`` (their pairs as the model sees them), then int8 with
     per-token activation scales of every weight MatMul of the fused graph ``src``
     (:func:`tailrank._int8.smooth_quantize_dynamic`). Per-tensor scales (DynamicQuantizeMatMul)
-    are ~8% faster but lose the ranking on FFN2's inputs (tau 0.81-0.86 on SciFact)."""
+    are a little faster but lose the ranking on FFN2's inputs (benchmarks/README.md)."""
     try:
         import onnx
 
