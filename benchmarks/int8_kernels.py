@@ -14,10 +14,15 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 
 def _graph(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], k: int, n: int, opset: int = 17) -> bytes:
@@ -63,6 +68,11 @@ def candidates(k: int, n: int, rng: np.random.Generator) -> dict[str, bytes]:
         {"wq": wq, "ws": ws, "wz": np.zeros(n, np.int8)}, k, n)
     out["per-token: QuantizeLinear + MatMulInteger u8s8 + 2 Mul"] = _graph(
         per_token_nodes("t_", "x", "y", "wq", "ws"), {"wq": wq, "ws": ws} | per_token_inits("t_"), k, n)
+    from tailrank._int8 import _per_token
+
+    nodes, inits = _per_token("p", "x", "y", "wq", "ws", "wz", k)
+    out["per-token as --int8-smooth: QuantizeLinear per row + MatMulIntegerToFloat + Mul"] = _graph(
+        nodes, {"wq": wq, "ws": ws, "wz": np.zeros(n, np.int8)} | {t.name: numpy_helper.to_array(t) for t in inits}, k, n)
     out["static: QuantizeLinear + MatMulIntegerToFloat"] = _graph(
         [helper.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
          helper.make_node("MatMulIntegerToFloat", ["xq", "wq", "as", "ws", "az"], ["y"], domain="com.microsoft")],
