@@ -7,8 +7,11 @@ Calibration uses SciFact test claims 50..69 x 16 sampled abstracts; fidelity is 
 claims (20.. in the scorer benchmark's held-out order), so no claim is both calibrated and gated on.
 
     python benchmarks/int8_recipes.py --model-dir EXPORTED_FP32_DIR --claims 10 --docs 50
+    python benchmarks/int8_recipes.py --model-dir EXPORTED_FP32_DIR --fused --rounds 2 --timed-claims 2
 
-Prints one JSON line per recipe: mean Kendall tau and top-1 kept vs fp32.
+Prints one JSON line per recipe: mean Kendall tau and top-1 kept vs fp32. ``--fused`` instead
+rewrites the fused graph with the real kernels (tailrank._int8) and also times each recipe,
+interleaved, against the fused fp32 graph.
 """
 
 from __future__ import annotations
