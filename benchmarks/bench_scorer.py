@@ -67,7 +67,7 @@ from tailrank.bench.models import prepare_precision, prepare_reranker  # noqa: E
 from tailrank.bench.workload import random_workload  # noqa: E402
 
 DEFAULT_MODEL = str(Path(DEFAULT_DATA).parent.parent / "models" / "scifact-minilm-l6-ce")
-PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-int8-static": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
+PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-int8-static": "int8", "tailrank-int8-smooth": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
                 "st-openvino-qint8": "int8"}
 # Systems on ONNX Runtime's OpenVINO provider: the onnxruntime-openvino wheel replaces onnxruntime,
 # so unless this process has it they run in a worker process of --openvino-python (same workload,
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--systems",
-        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-int8-static,"
+        default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-int8-static,tailrank-int8-smooth,"
         "tailrank-ov-fp32,"
         "tailrank-bf16,st-fp32,st-bf16," + ",".join(peers.ST_BACKENDS) + ",ort-plain,flashrank",
     )
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = _fidelity_samples(args)
     fidelity: dict[str, Any] = {}
     model_dirs = {"fp32": fp32_dir}
-    for prec in ("opt-fp32", "int8", "int8-static"):
+    for prec in ("opt-fp32", "int8", "int8-static", "int8-smooth"):
         if f"tailrank-{prec}" not in args.systems:
             continue
         out, rep = prepare_precision(fp32_dir, work, prec, samples=samples, threads=args.threads)
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ort-plain": lambda: peers.ort_plain_system(fp32_dir, args.threads, max_length),
         "flashrank": lambda: peers.flashrank_system(fp32_dir, args.threads, max_length, work / "flashrank"),
     }
-    for prec in ("opt-fp32", "int8", "int8-static"):
+    for prec in ("opt-fp32", "int8", "int8-static", "int8-smooth"):
         if prec in model_dirs:
             factories[f"tailrank-{prec}"] = (lambda p: lambda: peers.TailrankDocStore(model_dirs[p], args.threads))(prec)
     here = openvino_available()

@@ -32,6 +32,7 @@ CANDIDATES: dict[str, tuple[str, str, str | None]] = {
     "bf16-openvino": ("bf16", "openvino", "bf16"),
     "int8": ("int8", "cpu", "int8"),
     "int8-static": ("int8-static", "cpu", "int8"),
+    "int8-smooth": ("int8-smooth", "cpu", "int8"),
     "fp16-cuda": ("fp16", "cuda", None),
 }
 _TIMED_REQUESTS = 8

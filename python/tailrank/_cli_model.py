@@ -27,6 +27,9 @@ def add_parser(sub: Any) -> None:
                       help="static int8: weights per channel, activation scales calibrated on --sample-pairs (use pairs "
                       "from your own corpus); the fused attention, LayerNorm, Softmax and residual adds stay fp32. "
                       "Gated like every precision (on the SciFact cross-encoder it fails: tau 0.65)")
+    prec.add_argument("--int8-smooth", action="store_true",
+                      help="dynamic int8 (VNNI kernels) after SmoothQuant-style smoothing calibrated on every other query "
+                      "of --sample-pairs (use pairs from your own corpus) and gated on the others")
     prec.add_argument("--auto", action="store_true",
                       help="build every precision this machine can run, gate each on fidelity, time each on the sample "
                       "requests and write the fastest passing one (tailrank.json records the decision)")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=1))
         print(f"tailrank optimize --auto: wrote {record['decision']} to {args.out_dir}", file=sys.stderr)
         return 0
-    precision: Precision = ("int8" if args.int8 else "int8-static" if args.int8_static else "fp16" if args.fp16
+    precision: Precision = ("int8" if args.int8 else "int8-static" if args.int8_static
+                            else "int8-smooth" if args.int8_smooth else "fp16" if args.fp16
                             else "bf16" if args.bf16 else "fp32")
     try:
         report = optimize(

@@ -24,8 +24,8 @@ from .export import atomic_output_dir, copy_model_files
 
 __all__ = ["optimize", "fidelity", "FidelityError", "builtin_sample_pairs", "Precision", "PRECISIONS"]
 
-Precision = Literal["fp32", "int8", "int8-static", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int8-static", "fp16", "bf16")
+Precision = Literal["fp32", "int8", "int8-static", "int8-smooth", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int8-static", "int8-smooth", "fp16", "bf16")
 SampleSet = list[tuple[str, list[str]]]  # (query, documents)
 
 
@@ -58,6 +58,9 @@ def optimize(
             ``"int8-static"`` (static int8: weights per channel, activation scales calibrated on
             ``sample_pairs``, which should be pairs from the user's own corpus; see
             :func:`_quantize_static`),
+            ``"int8-smooth"`` (int8 weights per column, activations int8 per token at run time,
+            VNNI kernels, after SmoothQuant-style smoothing calibrated on every other query of
+            ``sample_pairs`` and gated on the others; see :mod:`tailrank._int8`),
             ``"fp16"`` (float32 inputs and outputs kept) or ``"bf16"`` (the fp32 graph with a
             ``tailrank.json`` that runs it on the OpenVINO execution provider with bf16 matmuls;
             refused without onnxruntime-openvino, as ONNX Runtime's CPU provider has no bf16 kernels).
@@ -112,18 +115,26 @@ def optimize(
         fused = _fuse(src, config)
         if precision == "fp16":
             fused.convert_float_to_float16(keep_io_types=True)
-        if precision in ("int8", "int8-static"):
+        gate_samples = samples
+        if precision in ("int8", "int8-static", "int8-smooth"):
             with tempfile.TemporaryDirectory() as scratch:
                 fused_path = Path(scratch) / "fused.onnx"
                 fused.save_model_to_file(str(fused_path))
                 if precision == "int8":
                     _quantize_int8(fused_path, target)
-                else:
+                elif precision == "int8-static":
                     _quantize_static(fused_path, target, src_dir, samples)
+                else:
+                    calibration, gate_samples = _split_calibration(samples)
+                    _quantize_smooth(fused_path, target, src_dir, calibration, threads)
         else:
             fused.save_model_to_file(str(target))
         copy_model_files(src_dir, tmp)
-        report = fidelity(src_dir, tmp, samples, threads=threads)
+        report = fidelity(src_dir, tmp, gate_samples, threads=threads)
+        if precision == "int8-smooth":
+            report["calibration"] = {"queries": len(samples) - len(gate_samples),
+                                     "pairs": sum(len(d) for _, d in samples) - report["pairs"],
+                                     "alpha": _SMOOTH_ALPHA, "gated_on_other_queries": gate_samples is not samples}
         report.update(
             precision=precision,
             fused_operators={k: v for k, v in fused.get_fused_operator_statistics().items() if v},
@@ -295,6 +306,41 @@ def _quantize_static(src: Path, dst: Path, model_dir: Path, samples: SampleSet) 
         )
     except Exception as e:  # the quantizer raises whatever its passes raise
         raise ModelError(f"static int8 quantization failed: {e}") from e
+
+
+# SmoothQuant's migration strength for --int8-smooth (see benchmarks/README.md for the sweep).
+_SMOOTH_ALPHA = 0.5
+
+
+def _split_calibration(samples: SampleSet) -> tuple[SampleSet, SampleSet]:
+    """(calibration, gate): every other query each, so the gate judges queries the scales never
+    saw; a single query serves as both (its report says so)."""
+    if len(samples) < 2:
+        return samples, samples
+    return samples[0::2], samples[1::2]
+
+
+def _quantize_smooth(src: Path, dst: Path, model_dir: Path, samples: SampleSet, threads: int | None) -> None:
+    """Smoothing calibrated on ``samples`` (their pairs as the model sees them), then int8 with
+    per-token activation scales of every weight MatMul of the fused graph ``src``
+    (:func:`tailrank._int8.smooth_quantize_dynamic`). Per-tensor scales (DynamicQuantizeMatMul)
+    are a little faster but lose the ranking on FFN2's inputs (benchmarks/README.md)."""
+    try:
+        import onnx
+
+        from . import _int8
+    except ImportError as e:
+        raise ModelError(f"tailrank optimize needs onnx: pip install 'tailrank[export]' ({e})") from e
+    try:
+        model = onnx.load(str(src))
+        ranges = _int8.matmul_input_ranges(model, _calibration_feeds(model_dir, src, samples), threads)
+        if not _int8.smooth_quantize_dynamic(model, ranges, alpha=_SMOOTH_ALPHA, per_token=True):
+            raise ModelError(f"{src} has no MatMul with a constant float weight to quantize")
+        onnx.save(model, str(dst))
+    except ModelError:
+        raise
+    except Exception as e:  # onnx and onnxruntime raise whatever their checks raise
+        raise ModelError(f"int8-smooth quantization failed: {e}") from e
 
 
 def _accepts_providers(fn: Any) -> bool:

@@ -51,7 +51,7 @@ def auto_int8(bert_dir: Path, samples: Any, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("auto") / "int8"
     record = optimize_auto(bert_dir, out, sample_pairs=samples, threads=1, min_tau=0.0, min_top1=0.0,
                            cpu_flags=VNNI, providers=CPU_ONLY,
-                           timer=fixed_times({"fp32": 3.0, "int8": 1.0, "int8-static": 2.0}))
+                           timer=fixed_times({"fp32": 3.0, "int8": 1.0, "int8-static": 2.0, "int8-smooth": 1.5}))
     return out, record
 
 
@@ -62,8 +62,9 @@ def test_auto_writes_the_fastest_passing_candidate_and_records_why(auto_int8: tu
     assert record["decision"] == "int8" and record["fallback"] == "fp32"
     assert record["isa"] == ["avx512_vnni"]  # the ISA the decision was made on
     cands = record["candidates"]
-    assert {n: c["seconds"] for n, c in cands.items() if "seconds" in c} == {"fp32": 3.0, "int8": 1.0, "int8-static": 2.0}
-    for name in ("fp32", "int8", "int8-static"):
+    assert {n: c["seconds"] for n, c in cands.items() if "seconds" in c} == {"fp32": 3.0, "int8": 1.0, "int8-static": 2.0,
+                                                                                "int8-smooth": 1.5}
+    for name in ("fp32", "int8", "int8-static", "int8-smooth"):
         assert cands[name]["passed"] is True and -1 <= cands[name]["kendall_tau"] <= 1 and "top1_kept" in cands[name]
     assert cands["fp32"]["kendall_tau"] == 1.0
     # Candidates this machine cannot run are listed with the reason, not dropped.
