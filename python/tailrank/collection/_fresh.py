@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+_BLOCK = 8192  # rows normalized at a time (a float64 copy of the block)
+
 
 class Fresh:
     """Keys, vectors (normalized for cosine) and liveness of the chunks not yet in the graph."""
@@ -31,11 +33,16 @@ class Fresh:
     def prepare(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Vectors as the graph scores them (outside any lock)."""
         v = np.ascontiguousarray(vectors, dtype=np.float32)
-        if self.metric == "cosine" and v.size:
-            # Squares summed in float64: a float32 sum overflows from |x| ~ 1e19 (a zero row after).
-            norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))[:, None]
-            v = v * (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-        return v.astype(np.float32, copy=False)
+        if self.metric != "cosine" or not v.size:
+            return v
+        # In float64, a block at a time: a float32 sum of squares overflows from |x| ~ 1e19 and
+        # 1 / norm from |x| ~ 1e-39 (a zero, NaN or infinite row after).
+        out = np.empty_like(v)
+        for s in range(0, v.shape[0], _BLOCK):
+            b = v[s : s + _BLOCK].astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", b, b))[:, None]
+            out[s : s + _BLOCK] = b / np.where(norms > 0, norms, 1.0)
+        return out
 
     def append(self, keys: npt.NDArray[np.int64], prepared: npt.NDArray[np.float32]) -> None:
         m = int(keys.size)
