@@ -760,3 +760,125 @@ def test_malformed_page_read_after_open_is_corrupt(pristine, tmp_path, emb, ce):
             col.search("alpha", k=3)
     finally:
         col.close(checkpoint=False)
+
+
+# --- regressions of damage after open (a reader catching up) and of huge vectors -----------------
+
+
+def _reader_and_new_write(pristine: Path, tmp_path: Path, emb, ce) -> tuple[Path, Collection, int]:
+    """A reader open at the pristine state, and one more write committed by another object."""
+    root = _copy(pristine, tmp_path)
+    reader = _open(root, emb, ce)
+    writer = _open(root, emb, ce)
+    writer.add(_texts(2, 4), ids=["n0", "n1"], metadata=[{"lang": "en"}, {"year": 2030}])
+    writer.close(checkpoint=False)
+    return root, reader, reader._applied
+
+
+def test_catch_up_deletion_of_a_chunk_not_live_is_corrupt(pristine, tmp_path, emb, ce):
+    # An old deletion moved into the new write: was UnknownIdError from the index at the next search.
+    root, reader, _ = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, "UPDATE deleted SET seq = (SELECT value FROM state WHERE key = 'seq') "
+               "WHERE key = (SELECT min(key) FROM deleted)")  # fmt: skip
+    try:
+        for _ in range(2):  # and it stays reported
+            with pytest.raises(CorruptFileError, match="not live"):
+                reader.search("alpha", k=3)
+    finally:
+        reader.close(checkpoint=False)
+
+
+def test_catch_up_of_an_old_chunk_relabelled_into_a_new_write_is_corrupt(pristine, tmp_path, emb, ce):
+    # Was the chunk appended a second time to the fresh part (two live copies of one key).
+    root, reader, applied = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, ("UPDATE chunks SET seq = ? WHERE key = (SELECT min(key) FROM chunks)", (applied + 1,)))
+    try:
+        with pytest.raises(CorruptFileError, match="below"):
+            reader.search("alpha", k=3, rerank=False)
+    finally:
+        reader.close(checkpoint=False)
+
+
+def test_catch_up_deletion_row_without_its_write_is_corrupt(pristine, tmp_path, emb, ce):
+    # A live chunk "deleted" in the new write, its rows left in place: was a silently missing chunk.
+    root, reader, _ = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, "INSERT INTO deleted(key, seq) SELECT min(key), (SELECT value FROM state WHERE key = 'seq') FROM chunks")
+    try:
+        with pytest.raises(CorruptFileError, match="counts"):
+            reader.search("alpha", k=3)
+    finally:
+        reader.close(checkpoint=False)
+
+
+@pytest.mark.parametrize(
+    "edit, flt",
+    [
+        ("UPDATE fields SET value = 'x' WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$gte": 2000}}),  # text > numbers
+        ("UPDATE fields SET value = X'00' WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$lt": 2000}}),
+        ("UPDATE fields SET value = NULL WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$ne": 2018}}),
+        ("UPDATE fields SET value = 5 WHERE name = 'lang' AND doc_id = 'd0'", {"lang": {"$lt": "zz"}}),
+        ("UPDATE fields SET value = 0.5 WHERE name = 'flag' AND doc_id = 'd0'", {"flag": True}),
+        ("UPDATE fields SET value = 7 WHERE name = 'flag' AND doc_id = 'd0'", {"flag": {"$ne": False}}),
+        ("UPDATE fields SET kind = 0 WHERE name = 'lang' AND doc_id = 'd0'", {"lang": None}),  # a null holding text
+        ("UPDATE fields SET kind = 7 WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$ne": 2018}}),
+        ("UPDATE fields SET kind = 2.5 WHERE name = 'year' AND doc_id = 'd0'", {"year": 2018}),
+        ("UPDATE fields SET kind = 'x' WHERE name = 'lang' AND doc_id = 'd0'", {"lang": {"$exists": False}}),
+    ],
+)
+def test_fields_row_of_another_kind_is_corrupt_at_filtered_search(pristine, tmp_path, emb, ce, edit, flt):
+    # Was silently accepted: the damaged row matched (or failed) conditions its kind never could.
+    root = _copy(pristine, tmp_path)
+    _unconstrained(root, "fields")
+    _sql(root, edit, "CREATE INDEX fields_by_value ON fields(name, kind, value)")
+    col = _open(root, emb, ce)
+    try:
+        with pytest.raises(CorruptFileError, match="metadata field"):
+            col.search("alpha", k=3, filter=flt)
+        assert col.search("alpha", k=3, filter={"score": {"$gte": 0}}).hits  # other fields still answer
+    finally:
+        col.close(checkpoint=False)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("value", [1e30, 3e38, -2e19])
+def test_ip_l2_vectors_whose_scores_overflow_are_refused(tmp_path, emb, metric, value):
+    # Were accepted: scores of 0, inf or NaN ranked silently (float32 dot products overflow).
+    col = Collection.create(tmp_path / "c", embedder=emb, metric=metric)
+    try:
+        v = np.full((2, emb.dim), 0.1, dtype=np.float32)
+        v[1, :3] = value
+        with pytest.raises(ValueError, match=r"vectors .*row 1 has norm"):
+            col.add(["a", "b"], ids=["a", "b"], vectors=v)
+        assert len(col) == 0
+        v[1, :3] = 1e17  # large, still finite in every score
+        col.add(["a", "b"], ids=["a", "b"], vectors=v)
+        assert col.checkpoint()
+        assert all(math.isfinite(h.first_stage_score) for h in col.search("alpha", k=2, rerank=False).hits)
+    finally:
+        col.close(checkpoint=False)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_log_holding_a_vector_whose_scores_overflow_is_corrupt(tmp_path, emb, metric):
+    col = Collection.create(tmp_path / "c", embedder=emb, metric=metric)
+    col.add(["a", "b"], ids=["a", "b"], vectors=np.full((2, emb.dim), 0.5, dtype=np.float32))
+    col.close(checkpoint=False)
+    _sql(tmp_path / "c", ("UPDATE chunks SET vector = ? WHERE doc_id = 'b'", (np.full(emb.dim, 1e30, "<f4").tobytes(),)))
+    with pytest.raises(CorruptFileError, match="norm"):
+        Collection.open(tmp_path / "c", embedder=emb)
+
+
+def test_tiny_cosine_vectors_normalize_without_overflow(tmp_path, emb):
+    # Was inf / NaN after 1 / norm overflowed float32 (|x| ~ 1e-45): a NaN score, then every
+    # checkpoint failed ("vector has a NaN or infinite value") and the fresh part never drained.
+    col = Collection.create(tmp_path / "c", embedder=emb)
+    try:
+        v = np.zeros((2, emb.dim), dtype=np.float32)
+        v[0, 0], v[1, :2] = 1e-45, 1e-40
+        col.add(["a", "b"], ids=["x", "y"], vectors=v)
+        prepared = col._fresh.prepare(v)
+        assert prepared[0, 0] == pytest.approx(1.0) and np.linalg.norm(prepared[1]) == pytest.approx(1.0)
+        assert all(math.isfinite(h.first_stage_score) for h in col.search("alpha", k=2, rerank=False).hits)
+        assert col.checkpoint() and col._fresh.count == 0
+    finally:
+        col.close(checkpoint=False)

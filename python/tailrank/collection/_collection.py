@@ -146,6 +146,7 @@ class Collection:
     _closed: bool
     _users: int
     _users_cond: threading.Condition
+    _use_depth: threading.local
 
     def __init__(self, *_: Any, **__: Any) -> None:
         raise TypeError("use Collection.create(path, ...) or Collection.open(path, ...)")
@@ -317,6 +318,7 @@ class Collection:
         self._ckpt_thread = None
         self.checkpoint_error = None
         self._closed, self._users, self._users_cond = False, 0, threading.Condition()
+        self._use_depth = threading.local()
         self._db = _log.connect(root)
         try:
             _log.check_schema(self._db)
@@ -539,13 +541,23 @@ class Collection:
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
+        depth = getattr(self._use_depth, "n", 0)
+        if depth:  # a method called by a method of this thread: one use, whatever close() began
+            self._use_depth.n = depth + 1
+            try:
+                yield
+            finally:
+                self._use_depth.n = depth
+            return
         with self._users_cond:
             if self._closed:
                 raise ClosedError(f"the collection at {self.path} is closed; open it again to use it")
             self._users += 1
+        self._use_depth.n = 1
         try:
             yield
         finally:
+            self._use_depth.n = 0
             with self._users_cond:
                 self._users -= 1
                 if not self._users:

@@ -239,6 +239,7 @@ class MilvusCollection(Collection):
         self.checkpoint_error = None
         # close() here drops the connection and a later call reconnects: never closed for good.
         self._closed, self._users, self._users_cond = False, 0, threading.Condition()
+        self._use_depth = threading.local()
         self.write_batch_rows = 512
         self.write_backoff_s = 0.5
         self.index_wait_s = 600.0
