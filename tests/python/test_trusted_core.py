@@ -131,6 +131,7 @@ def _forgeries(raw: bytes, L: dict[str, int]) -> dict[str, bytes]:
         "duplicate label": _forge(raw, label_at(1), "<Q", struct.unpack_from("<Q", raw, label_at(0))[0]),
         "label range": _forge(raw, label_at(2), "<Q", 1 << 63),
         "vector": _forge(raw, vec_at(4), "<I", 0x7FC00000),  # NaN
+        "vector norm": _forge(raw, vec_at(4), "<I", struct.unpack("<I", struct.pack("<f", 1e30))[0]),  # l2 scores overflow
         "deleted mark": _forge(raw, L["lvl0"] + short * L["sdpe"] + 2, "<B", 2),
         "dim": _forge(raw, 16, "<Q", 5),
         "M": _forge(raw, 40, "<Q", 8),
@@ -264,3 +265,34 @@ def test_caller_sizes_are_bounded(call, match) -> None:  # type: ignore[no-untyp
         call(index)
     with pytest.raises(ValueError, match="capacity"):
         VectorIndex(8, "l2", capacity=1 << 33)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_vectors_whose_scores_overflow_float32_are_refused(metric: str, tmp_path: Path) -> None:
+    # Were accepted: every dot product / squared distance of two such vectors is inf (or NaN for ip).
+    index = VectorIndex(4, metric)
+    huge = np.array([[1e30, 0, 0, 0], [0, -3e38, 0, 0]], dtype=np.float32)
+    for row in huge:
+        with pytest.raises(ValueError, match="norm above 1e18"):
+            index.add(np.stack([np.ones(4, np.float32), row]), [1, 2])
+    assert len(index) == 0
+    index.add(np.array([[1e17, 0, 0, 0], [0, 1e17, 0, 0]], dtype=np.float32), [1, 2])
+    _, scores = index.search(np.array([1, 1, 0, 0], dtype=np.float32), 2)
+    assert np.isfinite(scores).all()
+
+
+def test_forged_index_vector_of_huge_norm_is_corrupt(tmp_path: Path) -> None:
+    raw, L = _small_index(tmp_path)
+    vec = L["lvl0"] + 4 * L["sdpe"] + 4 + 4 * L["maxm0"]
+    p = tmp_path / "huge.bin"
+    p.write_bytes(_forge(raw, vec, "<I", struct.unpack("<I", struct.pack("<f", 1e30))[0]))
+    with pytest.raises(CorruptFileError, match="norm"):
+        VectorIndex.load(p)
+
+
+def test_tiny_cosine_vectors_normalize_in_double() -> None:
+    # Was inf / NaN in the graph: 1 / norm overflowed float for |x| ~ 1e-45.
+    index = VectorIndex(4, "cosine")
+    index.add(np.array([[1e-45, 0, 0, 0], [0, 1e-40, 1e-40, 0]], dtype=np.float32), [1, 2])
+    ids, scores = index.search(np.array([1, 0, 0, 0], dtype=np.float32), 2)
+    assert ids.tolist() == [1, 2] and scores.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
