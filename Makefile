@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-tsan test-fuzz test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
+.PHONY: venv install demo test test-cpp test-asan test-tsan test-fuzz test-fuzz-py test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: venv
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
-test: install test-cpp test-asan test-tsan test-fuzz stubtest test-py test-openvino
+test: install test-cpp test-asan test-tsan test-fuzz test-fuzz-py stubtest test-py test-openvino
 
 test-cpp: venv
 	scripts/ensure_system_deps.sh
@@ -67,6 +67,16 @@ test-fuzz: test-cpp
 	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/golden/v1 tests/golden/v2 tests/fuzz/regressions \
 	  > build/fuzz/fuzz.log 2>&1 || { tail -n 40 build/fuzz/fuzz.log; echo "fuzz: a crash input is in build/fuzz/ (keep it in tests/fuzz/regressions)"; exit 1; }
 	tail -n 12 build/fuzz/fuzz.log
+
+# atheris (libFuzzer for Python) over the Collection's manifest and SQLite-log loaders, bounded:
+# tests/fuzz/collection_regressions (every input that ever failed) replays first.
+FUZZ_PY_RUNS ?= 2000
+test-fuzz-py: install
+	$(BIN)/python tests/fuzz/fuzz_collection.py -runs=0 tests/fuzz/collection_regressions
+	mkdir -p build/fuzz-py/corpus
+	$(BIN)/python tests/fuzz/fuzz_collection.py -runs=$(FUZZ_PY_RUNS) -max_len=512 -rss_limit_mb=2048 \
+	  -artifact_prefix=build/fuzz-py/ build/fuzz-py/corpus tests/fuzz/collection_regressions \
+	  || { echo "fuzz-py: the failing input is in build/fuzz-py/ (keep it in tests/fuzz/collection_regressions)"; exit 1; }
 
 stubtest: install
 	cd /tmp && $(abspath $(BIN))/python -m mypy.stubtest tailrank._core --allowlist $(abspath tests/stubtest_allowlist.txt)

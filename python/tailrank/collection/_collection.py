@@ -631,7 +631,7 @@ class Collection:
             try:
                 yield db
             finally:
-                db.execute("COMMIT")
+                _log.end_read(db)
 
     @_while_open
     def __len__(self) -> int:

@@ -115,6 +115,21 @@ def damage_is_corrupt() -> Iterator[None]:
         raise _damaged(f"unreadable ({e})") from e
 
 
+def end_read(db: sqlite3.Connection) -> None:
+    """Ends a read transaction. A damaged file can fail even the COMMIT (found by atheris: was a
+    bare DatabaseError): CorruptFileError then, and the connection is left out of the transaction."""
+    try:
+        with damage_is_corrupt():
+            db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the close of the connection ends it
+        raise
+
+
 def check_schema(db: sqlite3.Connection) -> None:
     """Every table and column the collection reads exists (once, at open: a few catalog rows)."""
     with damage_is_corrupt():
@@ -339,7 +354,7 @@ def read_delta(
             raise _damaged(str(e)) from e
         raise
     finally:
-        db.execute("COMMIT")
+        end_read(db)
     for top in (top_seq, del_seq):  # O(1) through the indexes: no row from a write not yet made
         if top is not None and not (type(top) is int and top <= st["seq"]):
             raise _damaged(f"a row of write {top!r} is past the last write {st['seq']}")
