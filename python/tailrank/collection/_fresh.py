@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-_BLOCK = 8192  # rows normalized at a time (a float64 copy of the block)
+_TINY = 1e-30  # norms normalized in float64
 
 
 class Fresh:
@@ -35,13 +35,12 @@ class Fresh:
         v = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.metric != "cosine" or not v.size:
             return v
-        # In float64, a block at a time: a float32 sum of squares overflows from |x| ~ 1e19 and
-        # 1 / norm from |x| ~ 1e-39 (a zero, NaN or infinite row after).
-        out = np.empty_like(v)
-        for s in range(0, v.shape[0], _BLOCK):
-            b = v[s : s + _BLOCK].astype(np.float64)
-            norms = np.sqrt(np.einsum("ij,ij->i", b, b))[:, None]
-            out[s : s + _BLOCK] = b / np.where(norms > 0, norms, 1.0)
+        # Squares summed in float64: a float32 sum overflows from |x| ~ 1e19 (a zero row after).
+        norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))
+        out = v * (1.0 / np.where(norms >= _TINY, norms, 1.0)).astype(np.float32)[:, None]  # zero rows stay zero
+        tiny = (norms > 0) & (norms < _TINY)
+        if tiny.any():  # 1 / norm overflows float32 below ~3e-39: those rows divide in float64
+            out[tiny] = v[tiny].astype(np.float64) / norms[tiny, None]
         return out
 
     def append(self, keys: npt.NDArray[np.int64], prepared: npt.NDArray[np.float32]) -> None:
