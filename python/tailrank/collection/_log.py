@@ -259,9 +259,11 @@ _KIND_MAX = 4
 _FIELD_ENDS = (
     "SELECT (SELECT CASE typeof(kind) WHEN 'integer' THEN kind ELSE -1 END FROM fields WHERE name = ?1 ORDER BY kind LIMIT 1), "
     "(SELECT CASE typeof(kind) WHEN 'integer' THEN kind ELSE -1 END FROM fields WHERE name = ?1 ORDER BY kind DESC LIMIT 1), "
-    "(SELECT 1 FROM fields WHERE name = ?1 AND ((kind > 0 AND kind < 1) OR (kind > 1 AND kind < 2) "
-    "OR (kind > 2 AND kind < 3) OR (kind > 3 AND kind < 4)) LIMIT 1)"
-)
+    "coalesce((SELECT 1 FROM fields WHERE name = ?1 AND kind > 0 AND kind < 1 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 1 AND kind < 2 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 2 AND kind < 3 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 3 AND kind < 4 LIMIT 1))"
+)  # (one range per seek: SQLite scans the whole field for an OR of ranges)
 _VALUE_ENDS = (
     "SELECT (SELECT typeof(value) FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value LIMIT 1), "
     "(SELECT typeof(value) FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value DESC LIMIT 1), "
