@@ -411,7 +411,9 @@ def _write(col: Collection, ops: list[tuple[str, int]]) -> None:
 
 @st.composite
 def _edit_after(draw, after: int) -> tuple[str, tuple[Any, ...]]:
-    """One crafted change of the rows committed after write ``after`` (or of the state)."""
+    """One crafted change of the rows committed after write ``after`` (or of the state). Older
+    rows stay as they were: their damage is the open fuzzers' (a crafted old deletion can fool an
+    open whose counts still add up, never a reader that applied it before the damage)."""
     new_chunks = f"SELECT rowid FROM chunks WHERE seq > {after} ORDER BY random() LIMIT 1"
     new_docs = f"SELECT doc_id FROM chunks WHERE seq > {after}"
     kind = draw(st.sampled_from(["chunk", "vector", "tokens", "deleted", "insert_deleted", "docs", "fields", "kind",
@@ -428,7 +430,8 @@ def _edit_after(draw, after: int) -> tuple[str, tuple[Any, ...]]:
         return f"UPDATE chunks SET tokens = ? WHERE rowid IN ({new_chunks})", (np.asarray(toks, dtype="<i4").tobytes(),)
     if kind == "deleted":
         col = draw(st.sampled_from(_COLUMNS["deleted"]))
-        return f'UPDATE OR IGNORE deleted SET "{col}" = ? WHERE rowid IN (SELECT rowid FROM deleted ORDER BY random() LIMIT 1)', (
+        return f'UPDATE OR IGNORE deleted SET "{col}" = ? WHERE rowid IN (SELECT rowid FROM deleted WHERE seq > {after} ' \
+               "ORDER BY random() LIMIT 1)", (
             draw(st.one_of(_sql_values, st.integers(-3, 60))),)
     if kind == "insert_deleted":  # a deletion, in the newest write, of any key
         return "INSERT OR IGNORE INTO deleted(key, seq) VALUES (?, (SELECT value FROM state WHERE key = 'seq'))", (
@@ -445,7 +448,8 @@ def _edit_after(draw, after: int) -> tuple[str, tuple[Any, ...]]:
         return "UPDATE state SET value = value + ? WHERE key = ?", (draw(st.integers(-3, 3)), draw(st.sampled_from(_STATE_KEYS)))
     if kind == "drop_row":
         table = draw(st.sampled_from(["chunks", "deleted", "docs", "fields"]))
-        return f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} ORDER BY random() LIMIT 1)", ()
+        new = f"seq > {after}" if table in ("chunks", "deleted") else f"doc_id IN ({new_docs})"
+        return f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {new} ORDER BY random() LIMIT 1)", ()
     return (f"INSERT OR IGNORE INTO chunks(key, doc_id, start, end, seq, vector, tokens) SELECT key + ?, doc_id, start, end, "
             f"seq + ?, vector, tokens FROM chunks WHERE seq > {after} ORDER BY random() LIMIT 1",
             (draw(st.integers(-40, 3)), draw(st.integers(-3, 1))))
@@ -489,7 +493,7 @@ def test_fuzz_catch_up_with_damaged_new_rows(pristine, tmp_path, emb, ce, data, 
         finally:
             fresh.close(checkpoint=False)
         if want is not None:  # the same rows read from the state at open and from the start: one answer
-            assert got == want
+            assert _documents(got) == _documents(want)  # (a changed checkpoint pointer: another graph)
     finally:
         reader.close(checkpoint=False)
 
