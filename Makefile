@@ -8,7 +8,7 @@ DATA ?= $(SHARED)/data/scifact
 JOBS ?= 2
 PYBIND11_DIR = $$($(BIN)/python -m pybind11 --cmakedir)
 
-.PHONY: venv install demo test test-cpp test-asan test-tsan test-fuzz test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
+.PHONY: venv install demo test test-cpp test-asan test-asan-py test-tsan test-fuzz test-fuzz-py test-py test-openvino stubtest bench bench-scorer bench-pipeline bench-serve bench-collection clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: venv
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
-test: install test-cpp test-asan test-tsan test-fuzz stubtest test-py test-openvino
+test: install test-cpp test-asan test-tsan test-fuzz test-fuzz-py stubtest test-py test-openvino
 
 test-cpp: venv
 	scripts/ensure_system_deps.sh
@@ -43,6 +43,21 @@ test-asan: venv
 	$(BIN)/cmake --build build/asan -j $(JOBS)
 	cd build/asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(abspath $(BIN))/ctest --output-on-failure -j $(JOBS)
+
+# The Python tests of the trusted core, the pair assembler and the Collection's loaders against an
+# ASan build of _core (arrays outliving their owners, loaders fed damaged files). ASan alone:
+# UBSan stops at hnswlib's memcpy(NULL, p, 0) in getConnectionsWithLock (harmless, not ours).
+ASAN_PY = build/asan-py
+test-asan-py: install
+	$(BIN)/cmake -S . -B $(ASAN_PY) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTAILRANK_BUILD_PYTHON=ON -DTAILRANK_SANITIZE=OFF \
+	  "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer" "-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=address" \
+	  -DPython_EXECUTABLE=$(BIN)/python -Dpybind11_DIR=$(PYBIND11_DIR) >/dev/null
+	$(BIN)/cmake --build $(ASAN_PY) -j $(JOBS)
+	rm -rf $(ASAN_PY)/pkg && mkdir -p $(ASAN_PY)/pkg && cp -r python/tailrank $(ASAN_PY)/pkg/ && cp $(ASAN_PY)/_core*.so $(ASAN_PY)/pkg/tailrank/
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so.6)" ASAN_OPTIONS=detect_leaks=0 \
+	  PYTHONPATH=$(ASAN_PY)/pkg TAILRANK_FUZZ_EXAMPLES=20 TAILRANK_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q \
+	  -p no:cacheprovider -m "not slow" tests/python/test_trusted_core.py tests/python/test_pairs.py \
+	  tests/python/test_collection_fuzz.py tests/python/test_collection_store.py
 
 # ThreadSanitizer build of the core, running the C++ tests (the pool, parallel inserts and searches).
 test-tsan: venv
@@ -67,6 +82,16 @@ test-fuzz: test-cpp
 	  -artifact_prefix=build/fuzz/ build/fuzz/corpus tests/golden/v1 tests/golden/v2 tests/fuzz/regressions \
 	  > build/fuzz/fuzz.log 2>&1 || { tail -n 40 build/fuzz/fuzz.log; echo "fuzz: a crash input is in build/fuzz/ (keep it in tests/fuzz/regressions)"; exit 1; }
 	tail -n 12 build/fuzz/fuzz.log
+
+# atheris (libFuzzer for Python) over the Collection's manifest and SQLite-log loaders, bounded:
+# tests/fuzz/collection_regressions (every input that ever failed) replays first.
+FUZZ_PY_RUNS ?= 2000
+test-fuzz-py: install
+	$(BIN)/python tests/fuzz/fuzz_collection.py -runs=0 tests/fuzz/collection_regressions
+	mkdir -p build/fuzz-py/corpus
+	$(BIN)/python tests/fuzz/fuzz_collection.py -runs=$(FUZZ_PY_RUNS) -max_len=512 -rss_limit_mb=2048 \
+	  -artifact_prefix=build/fuzz-py/ build/fuzz-py/corpus tests/fuzz/collection_regressions \
+	  || { echo "fuzz-py: the failing input is in build/fuzz-py/ (keep it in tests/fuzz/collection_regressions)"; exit 1; }
 
 stubtest: install
 	cd /tmp && $(abspath $(BIN))/python -m mypy.stubtest tailrank._core --allowlist $(abspath tests/stubtest_allowlist.txt)

@@ -27,6 +27,17 @@ constexpr uint64_t kMaxId = (uint64_t{1} << 63) - 1;  // ids travel as int64 to 
 constexpr uint64_t kLevelSeed = 100;
 constexpr int kMaxLevel = 64;                 // far above any level drawn for M >= 2
 constexpr size_t kMaxRound = 256;             // fresh inserts searched in parallel per round
+// ip/l2 score in float32: with norms at most 1e18, a dot product or squared distance of two
+// vectors stays below (2e18)^2 = 4e36, far from float32's 3.4e38 (no inf or NaN scores).
+constexpr double kMaxNorm = 1e18;
+
+/// Whether a finite vector's scores can overflow under `metric` (never for cosine: normalized).
+bool norm_too_large(const float* v, size_t dim, Metric metric) {
+  if (metric == Metric::kCosine) return false;
+  double sq = 0;
+  for (size_t j = 0; j < dim; ++j) sq += double(v[j]) * v[j];
+  return sq > kMaxNorm * kMaxNorm;
+}
 using tableint = hnswlib::tableint;
 using Hnsw = hnswlib::HierarchicalNSW<float>;
 using Candidates = std::priority_queue<std::pair<float, tableint>, std::vector<std::pair<float, tableint>>,
@@ -250,8 +261,9 @@ void VectorIndex::prepare(const float* in, float* out) const {
   }
   double norm = 0;
   for (size_t i = 0; i < dim_; ++i) norm += double(in[i]) * in[i];
-  float inv = norm > 0 ? float(1.0 / std::sqrt(norm)) : 0.0f;
-  for (size_t i = 0; i < dim_; ++i) out[i] = in[i] * inv;
+  // In double: 1 / norm overflows float for norms below ~3e-39 (a NaN or infinite row after).
+  double inv = norm > 0 ? 1.0 / std::sqrt(norm) : 0.0;
+  for (size_t i = 0; i < dim_; ++i) out[i] = float(double(in[i]) * inv);
 }
 
 void VectorIndex::ensure_capacity_locked(size_t needed) {
@@ -271,6 +283,9 @@ void VectorIndex::add(const float* vectors, const uint64_t* ids, size_t n, size_
     for (size_t j = 0; j < dim_; ++j)
       if (!std::isfinite(vectors[i * dim_ + j]))
         throw std::invalid_argument("vector " + std::to_string(i) + " has a NaN or infinite value");
+    if (norm_too_large(vectors + i * dim_, dim_, metric_))
+      throw std::invalid_argument("vector " + std::to_string(i) + " has a norm above 1e18: its " +
+                                  std::string(metric_name(metric_)) + " scores would overflow float32 (scale the vectors down)");
   }
   // Last occurrence of a repeated id wins; hnswlib must never see one label twice in a batch.
   std::unordered_map<uint64_t, size_t> last;
@@ -638,6 +653,7 @@ void VectorIndex::validate_graph(const PayloadReader& r, const Preamble& p, uint
     const float* v = reinterpret_cast<const float*>(h.getDataByInternalId(tableint(i)));
     for (size_t j = 0; j < dim_; ++j)
       if (!std::isfinite(v[j])) r.fail("element " + std::to_string(i) + ": the vector has a NaN or infinite value");
+    if (norm_too_large(v, dim_, metric_)) r.fail("element " + std::to_string(i) + ": the vector's norm is above 1e18");
   }
   if (top != p.max_level) r.fail("max level " + std::to_string(p.max_level) + " but the highest element level is " + std::to_string(top));
   if (slots && h.element_levels_[p.entry] != p.max_level)

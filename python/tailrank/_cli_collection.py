@@ -147,9 +147,10 @@ def _ingest(args: argparse.Namespace) -> int:
         if batch:
             done += _flush(col, batch)
             bar.update(len(batch))
+    total, chunks = len(col), col.chunk_count
     col.close()  # a checkpoint of the whole ingest: the next open replays nothing
-    print(f"ingested {done} documents into {path} in {time.perf_counter() - t0:.1f} s ({len(col)} in all, "
-          f"{col.chunk_count} chunks)")
+    print(f"ingested {done} documents into {path} in {time.perf_counter() - t0:.1f} s ({total} in all, "
+          f"{chunks} chunks)")
     return 0
 
 

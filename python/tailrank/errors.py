@@ -15,6 +15,7 @@ __all__ = [
     "FusionError",
     "StoreURIError",
     "BackendError",
+    "ClosedError",
 ]
 
 
@@ -70,3 +71,7 @@ class BackendError(TailrankError):
     """The storage server of a collection (Milvus) is down, refused the connection, timed out or
     failed a request. The message names the URI and what to check; a write it interrupted says
     how much of it was stored and that repeating it (upsert) completes it."""
+
+
+class ClosedError(TailrankError, RuntimeError):
+    """An object used after its ``close()`` (a Collection): open it again to use it."""

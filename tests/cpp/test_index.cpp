@@ -233,6 +233,8 @@ TEST(VectorIndexBasics, InvalidAddChangesNothing) {
   bad[kDim + 5] = 0.0f;
   const uint64_t too_big[2] = {12, uint64_t{1} << 63};
   EXPECT_THROW(index.add(bad.data(), too_big, 2), std::invalid_argument);
+  bad[kDim + 5] = 1e30f;  // finite, but its squared distances overflow float32
+  EXPECT_THROW(index.add(bad.data(), new_ids, 2), std::invalid_argument);
   EXPECT_EQ(index.size(), 3u);
   EXPECT_EQ(index.ids(), iota_ids(3));
 }

@@ -335,6 +335,219 @@ def test_fuzz_checkpoints(pristine, tmp_path, emb, ce, op, which, n, junk, seq):
     _exercise(root, emb, ce)
 
 
+# --- damage that lands after open: a reader catching up with another writer -------------------
+
+_KWS = ({"rerank": False}, {"rerank": True}, {"filter": {"year": {"$gte": 2000}}, "rerank": False},
+        {"filter": {"lang": {"$ne": "en"}}})  # fmt: skip
+
+
+def _answers(col: Collection) -> dict[str, Any]:
+    """Everything a caller can ask of a collection, in a comparable form (every document, every
+    chunk as a candidate: no approximation left to differ)."""
+    with col._snapshot() as db:
+        ids = _askable(r[0] for r in db.execute("SELECT doc_id FROM docs"))
+    out: dict[str, Any] = {"len": len(col), "get": col.get(ids)}
+    for i, kw in enumerate(_KWS):
+        res = col.search("alpha protein", k=50, candidates=100, **kw)
+        scores = [h.score for h in res.hits]
+        assert scores == sorted(scores, reverse=True)
+        # Ties may come in either order (graph and fresh part): compared as a set.
+        out[f"search{i}"] = sorted(((h.id, h.text, round(h.score, 4)) for h in res.hits), key=repr)
+    return out
+
+
+def _askable(ids: Any) -> list[Any]:
+    # The ids a caller could ask for (a NULL, negative or blob id is unreachable), each once.
+    return sorted(dict.fromkeys(x for x in ids if type(x) is str or (type(x) is int and x >= 0)), key=repr)
+
+
+def _documents(answers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The answers up to which chunk of a document a search found: the HNSW graph of a newer
+    checkpoint may miss a chunk that an exact search of the fresh part finds (or score another)."""
+    if answers is None:
+        return None
+    return {k: sorted({repr(h[0]) for h in v}) if k.startswith("search") else v for k, v in answers.items()}
+
+
+def _reader_answers(col: Collection) -> dict[str, Any] | None:
+    """The caught-up reader's answers, or None when it reports damage (CorruptFileError)."""
+    try:
+        return _answers(col)
+    except CorruptFileError:
+        return None
+
+
+def _consistent_with_its_database(col: Collection, root: Path, got: dict[str, Any]) -> None:
+    db = sqlite3.connect(root / "meta.sqlite")
+    try:
+        docs = {r[0]: r[1] for r in db.execute("SELECT doc_id, text FROM docs")}
+    finally:
+        db.close()
+    assert [g["id"] for g in got["get"]] == _askable(docs)
+    for i in range(len(_KWS)):
+        for doc_id, text, score in got[f"search{i}"]:
+            assert doc_id in docs and text in docs[doc_id] and math.isfinite(score), (doc_id, text, score)
+
+
+_WRITES = st.lists(st.tuples(st.sampled_from(["add", "upsert", "delete"]), st.integers(0, 10**6)), min_size=1, max_size=3)
+
+
+def _write(col: Collection, ops: list[tuple[str, int]]) -> None:
+    """Another writer's commits: new documents, replaced ones, deletions."""
+    for op, r in ops:
+        with col._snapshot() as db:
+            live_ids = sorted((r[0] for r in db.execute("SELECT doc_id FROM docs")), key=repr)
+        if op == "delete" and live_ids:
+            col.delete([live_ids[r % len(live_ids)]])
+            continue
+        n = 1 + r % 3
+        ids: list[Any] = [f"w{r}-{j}" for j in range(n)]
+        if op == "upsert" and live_ids:
+            ids = list(dict.fromkeys([live_ids[r % len(live_ids)], *ids[1:]]))
+            n = len(ids)
+        metas = [{"lang": ["en", "de", "fr"][(r + j) % 3], "year": 1990 + (r + j) % 40} for j in range(n)]
+        col.upsert(_texts(n, r % 11), ids=ids, metadata=metas)
+
+
+@st.composite
+def _edit_after(draw, after: int) -> tuple[str, tuple[Any, ...]]:
+    """One crafted change of the rows committed after write ``after`` (or of the state). Older
+    rows stay as they were: their damage is the open fuzzers' (a crafted old deletion can fool an
+    open whose counts still add up, never a reader that applied it before the damage)."""
+    new_chunks = f"SELECT rowid FROM chunks WHERE seq > {after} ORDER BY random() LIMIT 1"
+    new_docs = f"SELECT doc_id FROM chunks WHERE seq > {after}"
+    kind = draw(st.sampled_from(["chunk", "vector", "tokens", "deleted", "insert_deleted", "docs", "fields", "kind",
+                                 "state", "drop_row", "dup_chunk"]))
+    if kind == "chunk":
+        col = draw(st.sampled_from(_COLUMNS["chunks"]))
+        return f'UPDATE OR IGNORE chunks SET "{col}" = ? WHERE rowid IN ({new_chunks})', (
+            draw(st.one_of(_sql_values, st.integers(-3, 60))),)
+    if kind == "vector":  # right length, any bytes: huge, NaN or plain other values
+        raw = draw(st.sampled_from([b"\x7f\x7f\xff\xff", b"\x00\x00\xc0\x7f", b"\x9e\x7b\x0c\x72", b"\x00\x00\x80\x3f"]))
+        return f"UPDATE chunks SET vector = ? * (length(vector) / 4) WHERE rowid IN ({new_chunks})", (raw,)
+    if kind == "tokens":
+        toks = draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=8))
+        return f"UPDATE chunks SET tokens = ? WHERE rowid IN ({new_chunks})", (np.asarray(toks, dtype="<i4").tobytes(),)
+    if kind == "deleted":
+        col = draw(st.sampled_from(_COLUMNS["deleted"]))
+        return f'UPDATE OR IGNORE deleted SET "{col}" = ? WHERE rowid IN (SELECT rowid FROM deleted WHERE seq > {after} ' \
+               "ORDER BY random() LIMIT 1)", (
+            draw(st.one_of(_sql_values, st.integers(-3, 60))),)
+    if kind == "insert_deleted":  # a deletion, in the newest write, of any key
+        return "INSERT OR IGNORE INTO deleted(key, seq) VALUES (?, (SELECT value FROM state WHERE key = 'seq'))", (
+            draw(st.integers(-2, 60)),)
+    if kind == "docs":
+        col = draw(st.sampled_from(_COLUMNS["docs"]))
+        return f'UPDATE OR IGNORE docs SET "{col}" = ? WHERE doc_id IN ({new_docs} ORDER BY random() LIMIT 1)', (draw(_sql_values),)
+    if kind in ("fields", "kind"):
+        col = "kind" if kind == "kind" else draw(st.sampled_from(_COLUMNS["fields"]))
+        value = draw(st.integers(-1, 6)) if kind == "kind" else draw(_sql_values)
+        return f'UPDATE fields SET "{col}" = ? WHERE rowid IN (SELECT rowid FROM fields WHERE doc_id IN ({new_docs}) ' \
+               "ORDER BY random() LIMIT 1)", (value,)
+    if kind == "state":
+        return "UPDATE state SET value = value + ? WHERE key = ?", (draw(st.integers(-3, 3)), draw(st.sampled_from(_STATE_KEYS)))
+    if kind == "drop_row":
+        table = draw(st.sampled_from(["chunks", "deleted", "docs", "fields"]))
+        new = f"seq > {after}" if table in ("chunks", "deleted") else f"doc_id IN ({new_docs})"
+        return f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {new} ORDER BY random() LIMIT 1)", ()
+    return (f"INSERT OR IGNORE INTO chunks(key, doc_id, start, end, seq, vector, tokens) SELECT key + ?, doc_id, start, end, "
+            f"seq + ?, vector, tokens FROM chunks WHERE seq > {after} ORDER BY random() LIMIT 1",
+            (draw(st.integers(-40, 3)), draw(st.integers(-3, 1))))
+
+
+@FUZZ
+@given(data=st.data(), writes=_WRITES)
+def test_fuzz_catch_up_with_damaged_new_rows(pristine, tmp_path, emb, ce, data, writes):
+    """A reader opens; another writer commits; the rows it committed are then damaged. The
+    reader's next calls (which catch up) agree with a fresh open of the same files, or raise
+    CorruptFileError; nothing else, and never a hit the database does not hold."""
+    root = _copy(pristine, tmp_path)
+    reader = _open(root, emb, ce)
+    try:
+        writer = _open(root, emb, ce)
+        _write(writer, writes)
+        truth = _answers(writer)
+        writer.close(checkpoint=False)
+        edits = data.draw(st.lists(_edit_after(reader._applied), max_size=3), label="edits")
+        db = _db(root)
+        for sql, params in edits:
+            try:
+                db.execute(sql, params)
+            except sqlite3.Error:
+                pass  # e.g. NOT NULL: the crafted-table targets above cover those
+        db.close()
+        got = _reader_answers(reader)
+        if not edits:
+            assert got == truth
+        if got is None:
+            with pytest.raises(CorruptFileError):
+                _answers(reader)  # it stays reported (a reload meets the same damage)
+            return
+        _consistent_with_its_database(reader, root, got)
+        try:
+            fresh = _open(root, emb, ce)
+        except TYPED:
+            return
+        try:
+            want = _reader_answers(fresh)
+        finally:
+            fresh.close(checkpoint=False)
+        if want is not None:  # the same rows read from the state at open and from the start: one answer
+            assert _documents(got) == _documents(want)  # (a changed checkpoint pointer: another graph)
+    finally:
+        reader.close(checkpoint=False)
+
+
+@FUZZ
+@given(writes=_WRITES, more=_WRITES, checkpoints=st.integers(1, 2),
+       op=st.sampled_from(["truncate", "flip", "remove", "swap_new", "swap_old", "none"]),
+       which=st.sampled_from(["index", "docstore"]), newest=st.booleans(), n=st.integers(0, 100_000),
+       junk=st.binary(min_size=1, max_size=16))  # fmt: skip
+def test_fuzz_catch_up_with_damaged_new_checkpoints(pristine, tmp_path, emb, ce, writes, more, checkpoints, op, which,
+                                                     newest, n, junk):
+    """A reader opens; another writer commits and checkpoints once or twice; a new checkpoint
+    file is then damaged. With one new checkpoint the reader replays the log alone and must
+    answer exactly as the writer did; with two it reloads from the newest: its answers, if any,
+    come from the database (else CorruptFileError)."""
+    root = _copy(pristine, tmp_path)
+    old = _ckpts(root)
+    reader = _open(root, emb, ce)
+    try:
+        writer = _open(root, emb, ce)
+        _write(writer, writes)
+        for _ in range(checkpoints):
+            assert writer.checkpoint()
+            _write(writer, more)
+        truth = _answers(writer)
+        writer.close(checkpoint=False)
+        new = [c for c in _ckpts(root) if c not in old]
+        assert new, (old, _ckpts(root))
+        s = new[-1] if newest else new[0]
+        p = root / f"{which}-{s}.bin"
+        if op in ("truncate", "flip"):
+            raw = bytearray(p.read_bytes())
+            if op == "truncate":
+                raw = raw[: n % (len(raw) + 1)]
+            else:
+                raw[n % len(raw) : n % len(raw) + len(junk)] = junk
+            p.write_bytes(bytes(raw))
+        elif op == "remove":
+            p.unlink()
+        elif op.startswith("swap"):
+            others = [c for c in (new if op == "swap_new" else _ckpts(root)) if c != s]
+            if others:
+                q = root / f"{which}-{others[0]}.bin"
+                tmp = root / "swap.tmp"
+                p.rename(tmp), q.rename(p), tmp.rename(q)
+        got = _reader_answers(reader)
+        if len(new) == 1 or op == "none":
+            assert _documents(got) == _documents(truth)  # one new checkpoint: the log alone brought the reader up to date
+        if got is not None:
+            _consistent_with_its_database(reader, root, got)
+    finally:
+        reader.close(checkpoint=False)
+
+
 def test_the_unmutated_copy_opens_and_answers(pristine, tmp_path, emb, ce):
     # The baseline every fuzz target mutates: it must open, replay its log and answer.
     col = Collection.open(_copy(pristine, tmp_path), embedder=emb, reranker=ce)
@@ -549,5 +762,127 @@ def test_malformed_page_read_after_open_is_corrupt(pristine, tmp_path, emb, ce):
             col.get(["d0"])
         with pytest.raises(CorruptFileError, match="malformed"):
             col.search("alpha", k=3)
+    finally:
+        col.close(checkpoint=False)
+
+
+# --- regressions of damage after open (a reader catching up) and of huge vectors -----------------
+
+
+def _reader_and_new_write(pristine: Path, tmp_path: Path, emb, ce) -> tuple[Path, Collection, int]:
+    """A reader open at the pristine state, and one more write committed by another object."""
+    root = _copy(pristine, tmp_path)
+    reader = _open(root, emb, ce)
+    writer = _open(root, emb, ce)
+    writer.add(_texts(2, 4), ids=["n0", "n1"], metadata=[{"lang": "en"}, {"year": 2030}])
+    writer.close(checkpoint=False)
+    return root, reader, reader._applied
+
+
+def test_catch_up_deletion_of_a_chunk_not_live_is_corrupt(pristine, tmp_path, emb, ce):
+    # An old deletion moved into the new write: was UnknownIdError from the index at the next search.
+    root, reader, _ = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, "UPDATE deleted SET seq = (SELECT value FROM state WHERE key = 'seq') "
+               "WHERE key = (SELECT min(key) FROM deleted)")  # fmt: skip
+    try:
+        for _ in range(2):  # and it stays reported
+            with pytest.raises(CorruptFileError, match="not live"):
+                reader.search("alpha", k=3)
+    finally:
+        reader.close(checkpoint=False)
+
+
+def test_catch_up_of_an_old_chunk_relabelled_into_a_new_write_is_corrupt(pristine, tmp_path, emb, ce):
+    # Was the chunk appended a second time to the fresh part (two live copies of one key).
+    root, reader, applied = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, ("UPDATE chunks SET seq = ? WHERE key = (SELECT min(key) FROM chunks)", (applied + 1,)))
+    try:
+        with pytest.raises(CorruptFileError, match="below"):
+            reader.search("alpha", k=3, rerank=False)
+    finally:
+        reader.close(checkpoint=False)
+
+
+def test_catch_up_deletion_row_without_its_write_is_corrupt(pristine, tmp_path, emb, ce):
+    # A live chunk "deleted" in the new write, its rows left in place: was a silently missing chunk.
+    root, reader, _ = _reader_and_new_write(pristine, tmp_path, emb, ce)
+    _sql(root, "INSERT INTO deleted(key, seq) SELECT min(key), (SELECT value FROM state WHERE key = 'seq') FROM chunks")
+    try:
+        with pytest.raises(CorruptFileError, match="counts"):
+            reader.search("alpha", k=3)
+    finally:
+        reader.close(checkpoint=False)
+
+
+@pytest.mark.parametrize(
+    "edit, flt",
+    [
+        ("UPDATE fields SET value = 'x' WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$gte": 2000}}),  # text > numbers
+        ("UPDATE fields SET value = X'00' WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$lt": 2000}}),
+        ("UPDATE fields SET value = NULL WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$ne": 2018}}),
+        ("UPDATE fields SET value = 5 WHERE name = 'lang' AND doc_id = 'd0'", {"lang": {"$lt": "zz"}}),
+        ("UPDATE fields SET value = 0.5 WHERE name = 'flag' AND doc_id = 'd0'", {"flag": True}),
+        ("UPDATE fields SET value = 7 WHERE name = 'flag' AND doc_id = 'd0'", {"flag": {"$ne": False}}),
+        ("UPDATE fields SET kind = 0 WHERE name = 'lang' AND doc_id = 'd0'", {"lang": None}),  # a null holding text
+        ("UPDATE fields SET kind = 7 WHERE name = 'year' AND doc_id = 'd0'", {"year": {"$ne": 2018}}),
+        ("UPDATE fields SET kind = 2.5 WHERE name = 'year' AND doc_id = 'd0'", {"year": 2018}),
+        ("UPDATE fields SET kind = 'x' WHERE name = 'lang' AND doc_id = 'd0'", {"lang": {"$exists": False}}),
+    ],
+)
+def test_fields_row_of_another_kind_is_corrupt_at_filtered_search(pristine, tmp_path, emb, ce, edit, flt):
+    # Was silently accepted: the damaged row matched (or failed) conditions its kind never could.
+    root = _copy(pristine, tmp_path)
+    _unconstrained(root, "fields")
+    _sql(root, edit, "CREATE INDEX fields_by_value ON fields(name, kind, value)")
+    col = _open(root, emb, ce)
+    try:
+        with pytest.raises(CorruptFileError, match="metadata field"):
+            col.search("alpha", k=3, filter=flt)
+        assert col.search("alpha", k=3, filter={"score": {"$gte": 0}}).hits  # other fields still answer
+    finally:
+        col.close(checkpoint=False)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("value", [1e30, 3e38, -2e19])
+def test_ip_l2_vectors_whose_scores_overflow_are_refused(tmp_path, emb, metric, value):
+    # Were accepted: scores of 0, inf or NaN ranked silently (float32 dot products overflow).
+    col = Collection.create(tmp_path / "c", embedder=emb, metric=metric)
+    try:
+        v = np.full((2, emb.dim), 0.1, dtype=np.float32)
+        v[1, :3] = value
+        with pytest.raises(ValueError, match=r"vectors .*row 1 has norm"):
+            col.add(["a", "b"], ids=["a", "b"], vectors=v)
+        assert len(col) == 0
+        v[1, :3] = 1e17  # large, still finite in every score
+        col.add(["a", "b"], ids=["a", "b"], vectors=v)
+        assert col.checkpoint()
+        assert all(math.isfinite(h.first_stage_score) for h in col.search("alpha", k=2, rerank=False).hits)
+    finally:
+        col.close(checkpoint=False)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_log_holding_a_vector_whose_scores_overflow_is_corrupt(tmp_path, emb, metric):
+    col = Collection.create(tmp_path / "c", embedder=emb, metric=metric)
+    col.add(["a", "b"], ids=["a", "b"], vectors=np.full((2, emb.dim), 0.5, dtype=np.float32))
+    col.close(checkpoint=False)
+    _sql(tmp_path / "c", ("UPDATE chunks SET vector = ? WHERE doc_id = 'b'", (np.full(emb.dim, 1e30, "<f4").tobytes(),)))
+    with pytest.raises(CorruptFileError, match="norm"):
+        Collection.open(tmp_path / "c", embedder=emb)
+
+
+def test_tiny_cosine_vectors_normalize_without_overflow(tmp_path, emb):
+    # Was inf / NaN after 1 / norm overflowed float32 (|x| ~ 1e-45): a NaN score, then every
+    # checkpoint failed ("vector has a NaN or infinite value") and the fresh part never drained.
+    col = Collection.create(tmp_path / "c", embedder=emb)
+    try:
+        v = np.zeros((2, emb.dim), dtype=np.float32)
+        v[0, 0], v[1, :2] = 1e-45, 1e-40
+        col.add(["a", "b"], ids=["x", "y"], vectors=v)
+        prepared = col._fresh.prepare(v)
+        assert prepared[0, 0] == pytest.approx(1.0) and np.linalg.norm(prepared[1]) == pytest.approx(1.0)
+        assert all(math.isfinite(h.first_stage_score) for h in col.search("alpha", k=2, rerank=False).hits)
+        assert col.checkpoint() and col._fresh.count == 0
     finally:
         col.close(checkpoint=False)

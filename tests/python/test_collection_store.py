@@ -461,3 +461,97 @@ def test_a_second_writing_process_is_told_and_changes_nothing(tmp_path, emb, ce)
     assert "b" not in col and col.chunk_count == 1
     col.add(["b"], ids=["b"])
     assert col.chunk_count == 2
+
+
+def _open_fds() -> int:
+    import gc
+
+    gc.collect()  # objects of earlier tests close their files when collected: not counted here
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_closes_every_connection_and_later_calls_raise_closed_error(tmp_path, emb, ce):
+    from tailrank.errors import ClosedError
+
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=ce)
+    col.add(["one doc", "two doc"], ids=["a", "b"], metadata=[{"g": 1}, {"g": 2}])
+    col.close()
+    before = _open_fds()
+    for _ in range(5):  # open, search from two threads, write, close: nothing stays open
+        c = Collection.open(col.path, embedder=emb, reranker=ce)
+        t = threading.Thread(target=lambda: c.search("doc", k=2, filter={"g": 1}))
+        t.start()
+        t.join()
+        c.upsert(["three doc"], ids=["c"])
+        c.search("doc", k=2)
+        c.close()
+        c.close()  # a second close does nothing
+    assert _open_fds() == before  # (was 2 more per cycle: the writer's connection and its WAL)
+    calls = [
+        lambda: c.search("doc"), lambda: c.search_batch(["doc"]), lambda: c.plan_search("doc"), lambda: c.get(["a"]),
+        lambda: c.add(["x"], ids=["x"]), lambda: c.upsert(["x"], ids=["x"]), lambda: c.delete(["a"]), lambda: len(c),
+        lambda: "a" in c, lambda: c.chunk_count, lambda: c.refresh(), lambda: c.checkpoint(),
+        lambda: c.set_default_fusion("rrf"),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ClosedError, match="closed"):
+            call()
+    assert c.closed and "closed" in repr(c)
+    assert _open_fds() == before  # none of them reopened the database
+    again = Collection.open(col.path, embedder=emb, reranker=ce)
+    assert len(again) == 3 and again.get(["c"])[0]["text"] == "three doc"  # the writes of closed objects stayed
+    again.close()
+
+
+def test_a_failed_open_keeps_no_file_open(tmp_path, emb, ce):
+    from tailrank.errors import CorruptFileError
+
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=ce)
+    col.add(["one doc"], ids=["a"])
+    col.close()
+    for p in col.path.glob("index-*.bin"):
+        p.write_bytes(b"damaged")
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises(CorruptFileError):
+            Collection.open(col.path, embedder=emb, reranker=ce)
+    assert _open_fds() == before
+
+
+def test_close_waits_for_a_search_in_flight(tmp_path, emb, ce):
+    """close() from another thread while a search is inside its first stage: the search
+    finishes on an open database, then the connections close (no 'closed database' error)."""
+    from tailrank.errors import ClosedError
+
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=ce)
+    col.add(["one doc", "two doc"], ids=["a", "b"])
+    inside, release = threading.Event(), threading.Event()
+    real = col._texts
+
+    def slow_texts(*args, **kwargs):
+        inside.set()
+        assert release.wait(SAFETY_S)
+        return real(*args, **kwargs)
+
+    col._texts = slow_texts  # type: ignore[method-assign]
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(col.search("doc", k=2, rerank=False)))
+    t.start()
+    assert inside.wait(SAFETY_S)
+    waiting = threading.Event()
+    cond_wait = col._users_cond.wait_for
+
+    def wait_for(pred, timeout=None):
+        waiting.set()  # close() has begun waiting for the uses in flight
+        return cond_wait(pred, timeout)
+
+    col._users_cond.wait_for = wait_for  # type: ignore[method-assign]
+    closer = threading.Thread(target=col.close, kwargs={"checkpoint": False})
+    closer.start()
+    assert waiting.wait(SAFETY_S) and col.closed and closer.is_alive()
+    with pytest.raises(ClosedError):
+        col.get(["a"])  # no new use once close began
+    release.set()
+    t.join(SAFETY_S)
+    closer.join(SAFETY_S)
+    assert not closer.is_alive() and [h.id for h in out[0].hits] and len(out[0].hits) == 2

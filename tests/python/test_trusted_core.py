@@ -131,6 +131,7 @@ def _forgeries(raw: bytes, L: dict[str, int]) -> dict[str, bytes]:
         "duplicate label": _forge(raw, label_at(1), "<Q", struct.unpack_from("<Q", raw, label_at(0))[0]),
         "label range": _forge(raw, label_at(2), "<Q", 1 << 63),
         "vector": _forge(raw, vec_at(4), "<I", 0x7FC00000),  # NaN
+        "vector norm": _forge(raw, vec_at(4), "<I", struct.unpack("<I", struct.pack("<f", 1e30))[0]),  # l2 scores overflow
         "deleted mark": _forge(raw, L["lvl0"] + short * L["sdpe"] + 2, "<B", 2),
         "dim": _forge(raw, 16, "<Q", 5),
         "M": _forge(raw, 40, "<Q", 8),
@@ -264,3 +265,121 @@ def test_caller_sizes_are_bounded(call, match) -> None:  # type: ignore[no-untyp
         call(index)
     with pytest.raises(ValueError, match="capacity"):
         VectorIndex(8, "l2", capacity=1 << 33)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_vectors_whose_scores_overflow_float32_are_refused(metric: str, tmp_path: Path) -> None:
+    # Were accepted: every dot product / squared distance of two such vectors is inf (or NaN for ip).
+    index = VectorIndex(4, metric)
+    huge = np.array([[1e30, 0, 0, 0], [0, -3e38, 0, 0]], dtype=np.float32)
+    for row in huge:
+        with pytest.raises(ValueError, match="norm above 1e18"):
+            index.add(np.stack([np.ones(4, np.float32), row]), [1, 2])
+    assert len(index) == 0
+    index.add(np.array([[1e17, 0, 0, 0], [0, 1e17, 0, 0]], dtype=np.float32), [1, 2])
+    _, scores = index.search(np.array([1, 1, 0, 0], dtype=np.float32), 2)
+    assert np.isfinite(scores).all()
+
+
+def test_forged_index_vector_of_huge_norm_is_corrupt(tmp_path: Path) -> None:
+    raw, L = _small_index(tmp_path)
+    vec = L["lvl0"] + 4 * L["sdpe"] + 4 + 4 * L["maxm0"]
+    p = tmp_path / "huge.bin"
+    p.write_bytes(_forge(raw, vec, "<I", struct.unpack("<I", struct.pack("<f", 1e30))[0]))
+    with pytest.raises(CorruptFileError, match="norm"):
+        VectorIndex.load(p)
+
+
+def test_tiny_cosine_vectors_normalize_in_double() -> None:
+    # Was inf / NaN in the graph: 1 / norm overflowed float for |x| ~ 1e-45.
+    index = VectorIndex(4, "cosine")
+    index.add(np.array([[1e-45, 0, 0, 0], [0, 1e-40, 1e-40, 0]], dtype=np.float32), [1, 2])
+    ids, scores = index.search(np.array([1, 0, 0, 0], dtype=np.float32), 2)
+    assert ids.tolist() == [1, 2] and scores.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+# --- arrays handed to Python outlive the objects that made them -----------------------------------
+
+
+def _churn() -> None:
+    """Collects garbage, then allocates and fills as much as was freed: a freed buffer still
+    read through a stale array would now hold 0x5A bytes (ASan reports the read itself)."""
+    import gc
+
+    gc.collect()
+    junk = [np.full(1 << 14, 0x5A, dtype=np.uint8) for _ in range(256)]
+    del junk
+
+
+def _owners_of(arr: np.ndarray) -> list[str]:
+    chain = []
+    base = arr.base
+    while base is not None:
+        chain.append(type(base).__name__)
+        base = getattr(base, "base", None)
+    return chain
+
+
+def test_arrays_from_the_core_stay_valid_after_their_owners_are_dropped() -> None:
+    from tailrank.pairs import PairBatcher, PairTemplate, retrieve_and_assemble
+
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((40, 8)).astype(np.float32)
+    docs = [rng.integers(5, 90, rng.integers(3, 20)).astype(np.int32) for _ in range(40)]
+    index, store = VectorIndex(8, "cosine"), DocStore(100)
+    index.add(vecs, np.arange(40))
+    store.add(np.arange(40), docs)
+    batcher = PairBatcher(PairTemplate.bert(cls_id=1, sep_id=2), max_length=24, batch_tokens=96)
+    q, qtok = vecs[7], np.array([10, 11, 12], dtype=np.int32)
+
+    ids, scores = index.search(q, 5)
+    batch_ids, batch_scores = index.search(vecs[:3], 4)
+    live = index.ids()
+    tokens, stored = store.get(7), store.ids()
+    asm = batcher.assemble(qtok, docs[:9])
+    f_ids, f_scores, f_asm = retrieve_and_assemble(index, store, batcher, q, qtok, k=6)
+    held = {"ids": ids, "scores": scores, "batch_ids": batch_ids, "batch_scores": batch_scores, "live": live,
+            "tokens": tokens, "stored": stored, "f_ids": f_ids, "f_scores": f_scores}  # fmt: skip
+    for name, a in (("asm", asm), ("f_asm", f_asm)):
+        for i, b in enumerate(a.batches):
+            for field in ("input_ids", "attention_mask", "token_type_ids", "rows"):
+                held[f"{name}.{i}.{field}"] = getattr(b, field)
+        held[f"{name}.order"], held[f"{name}.lengths"] = a.order, a.lengths
+    want = {k: v.copy() for k, v in held.items()}
+    # The assembler's buffers reach Python as views: each is owned through a capsule.
+    assert "PyCapsule" in _owners_of(asm.batches[0].input_ids) and "PyCapsule" in _owners_of(f_asm.batches[0].input_ids)
+    del index, store, batcher, asm, f_asm
+    _churn()
+    for k, v in held.items():
+        assert np.array_equal(v, want[k]), k
+    assert ids[0] == 7 and tokens.tolist() == docs[7].tolist()
+
+
+def test_collection_candidates_stay_valid_after_close(tmp_path: Path) -> None:
+    # The first stage's keys, scores and token copies outlive the collection that made them.
+    sys.path.insert(0, str(Path(__file__).parent))
+    import models
+    from tailrank import CrossEncoder, Embedder
+    from tailrank.collection import Collection
+
+    class Factory:
+        def mktemp(self, name: str) -> Path:
+            p = tmp_path / name
+            p.mkdir()
+            return p
+
+    emb = Embedder(models.exported_st(Factory(), pooling="mean", normalize=True)[1], threads=1)
+    ce = CrossEncoder(models.exported(Factory(), "bert")[1], threads=1, max_batch_size=8)
+    col = Collection.create(tmp_path / "col", embedder=emb, reranker=ce)
+    col.add([models.sample_text(__import__("random").Random(i), 12) for i in range(30)])
+    assert col.checkpoint()  # every chunk in the graph: the fused call assembles during the walk
+    plan = col.plan_search("cell gene", k=5, candidates=12)
+    cands = col.first_stage(plan, emb.encode(["cell gene"])[0], ce.tokenize(["cell gene"])[0])
+    fused = col.first_stage(plan, emb.encode(["cell gene"])[0], ce.tokenize(["cell gene"])[0], assemble=True)
+    arrays = [cands.keys, cands.first, *cands.docs, fused.keys, fused.first,
+              *(b.input_ids for b in fused.assembly.batches)]  # fmt: skip
+    want = [a.copy() for a in arrays]
+    col.close()
+    del col, fused
+    _churn()
+    assert all(np.array_equal(a, w) for a, w in zip(arrays, want))

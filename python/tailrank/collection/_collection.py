@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import sqlite3
@@ -12,7 +13,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +24,7 @@ from ..cross_encoder import CrossEncoder
 from ..docstore import DocStore
 from ..embedder import Embedder
 from ..errors import (
+    ClosedError,
     ConcurrentUseError,
     CorruptFileError,
     DuplicateIdError,
@@ -38,7 +40,16 @@ from ._chunking import Chunker
 from ._fresh import Fresh
 from ._fusion import Fusion, FusionMethod, fuse_scored
 from ._fusion import resolve as resolve_fusion
-from ._inputs import DocId, check_ids, check_metadata, check_query, check_texts, check_vectors, metadata_json
+from ._inputs import (
+    DocId,
+    check_ids,
+    check_metadata,
+    check_query,
+    check_texts,
+    check_vectors,
+    metadata_json,
+    vector_problem,
+)
 from ._locks import FileLock, RWLock
 from ._manifest import (
     FORMAT_VERSION,
@@ -74,6 +85,21 @@ def _finish_checkpoints() -> None:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _while_open(fn: F) -> F:
+    """Runs a method as one use of an open collection: ClosedError after close(), and close()
+    waits for the uses in flight before it closes the connections."""
+
+    @functools.wraps(fn)
+    def method(self: Collection, *args: Any, **kwargs: Any) -> Any:
+        with self._in_use():
+            return fn(self, *args, **kwargs)
+
+    return method  # type: ignore[return-value]
 
 
 class Collection:
@@ -117,6 +143,10 @@ class Collection:
     _next_key: int
     _chunks: int
     _since_checkpoint: int
+    _closed: bool
+    _users: int
+    _users_cond: threading.Condition
+    _use_depth: threading.local
 
     def __init__(self, *_: Any, **__: Any) -> None:
         raise TypeError("use Collection.create(path, ...) or Collection.open(path, ...)")
@@ -287,14 +317,19 @@ class Collection:
         self.fresh_index_at = FRESH_INDEX_AT
         self._ckpt_thread = None
         self.checkpoint_error = None
+        self._closed, self._users, self._users_cond = False, 0, threading.Condition()
+        self._use_depth = threading.local()
+        self._db = _log.connect(root)
         try:
-            self._db = _log.connect(root)
             _log.check_schema(self._db)
             with self._write_lock:
                 self._reload()
-        except sqlite3.DatabaseError as e:
-            raise CorruptFileError(f"the database of {root} is damaged: {e}") from e
-        self._remove_leftovers()
+            self._remove_leftovers()
+        except BaseException as e:
+            self._db.close()  # a failed open keeps no file open
+            if isinstance(e, sqlite3.DatabaseError):
+                raise CorruptFileError(f"the database of {root} is damaged: {e}") from e
+            raise
         self._maybe_maintain()
         return self
 
@@ -304,7 +339,8 @@ class Collection:
         """Loads the newest checkpoint and replays the log after it (a new object each time)."""
         for _ in range(20):
             index, store, seq, next_key = _checkpoints.load_latest(self.path, self._db, self._has_store, self.dim, self.metric, self.reranker)
-            delta = _log.read_delta(self._db, seq, self.dim, self._has_store, store.vocab_size if store is not None else None)
+            delta = _log.read_delta(self._db, seq, self.dim, self._has_store, store.vocab_size if store is not None else None,
+                                    first_key=next_key, metric=self.metric)
             if delta.pruned_to <= seq:
                 break
         else:
@@ -340,12 +376,14 @@ class Collection:
         if _log.read_seq(self._db) == self._applied:
             return
         delta = _log.read_delta(
-            self._db, self._applied, self.dim, self._has_store, self._store.vocab_size if self._store is not None else None
+            self._db, self._applied, self.dim, self._has_store, self._store.vocab_size if self._store is not None else None,
+            first_key=self._next_key, metric=self.metric,
         )
         if delta.pruned_to > self._applied:  # its deletions are forgotten: start from a checkpoint
             self._reload()
             return
-        dead = delta.deleted[delta.deleted < self._next_key]
+        dead = delta.deleted[delta.deleted < self._next_key]  # larger keys came and went after this state
+        self._check_delta(delta, dead)
         try:
             prepared = self._fresh.prepare(delta.add_vectors)
             if self._store is not None and delta.add_keys.size:
@@ -359,6 +397,20 @@ class Collection:
             raise
         self._since_checkpoint += int(delta.add_keys.size + dead.size)
 
+    def _check_delta(self, delta: _log.Delta, dead: npt.NDArray[np.int64]) -> None:
+        """Another process's writes fit this state (O(their change), before anything changes):
+        each deletion names a chunk live here, and the live count adds up."""
+        fresh, index = self._fresh, self._index
+        for k in dead.tolist():
+            i = fresh.slot.get(k)
+            if not (bool(fresh.alive[i]) if i is not None else k in index):
+                raise CorruptFileError(f"the database of {self.path} deletes chunk {k}, which is not live (write {delta.seq})")
+        if self._chunks + delta.add_keys.size - dead.size != delta.chunks:
+            raise CorruptFileError(
+                f"the database of {self.path} counts {delta.chunks} chunks after write {delta.seq}; its writes since "
+                f"write {self._applied} leave {self._chunks + delta.add_keys.size - dead.size}"
+            )
+
     def _drop(self, keys: npt.NDArray[np.int64] | Sequence[int]) -> None:
         """Deletes live chunks (exclusive lock held): from the fresh part or the graph."""
         if len(keys):
@@ -369,6 +421,7 @@ class Collection:
             if self._store is not None:
                 self._store.delete(k)
 
+    @_while_open
     def refresh(self) -> bool:
         """Picks up writes committed by other processes (searches also do this on their own).
 
@@ -395,6 +448,7 @@ class Collection:
 
     # --- checkpoints -------------------------------------------------------------------------
 
+    @_while_open
     def checkpoint(self) -> bool:
         """Saves the index and DocStore of the current state as the newest checkpoint, so that
         an open replays nothing before it. Runs in the background on its own after enough
@@ -465,11 +519,14 @@ class Collection:
 
     def _background(self, ckpt: bool) -> None:
         try:
-            if ckpt:
-                self.checkpoint()
-            else:
-                with self._maint_lock:
-                    self._move_fresh(write_locked=False)
+            with self._in_use():
+                if ckpt:
+                    self.checkpoint()
+                else:
+                    with self._maint_lock:
+                        self._move_fresh(write_locked=False)
+        except ClosedError:
+            pass  # started by a write just before close(): the log holds everything
         except BaseException as e:  # noqa: BLE001 - kept for the caller; the log still holds everything
             self.checkpoint_error = e
 
@@ -482,18 +539,64 @@ class Collection:
             finally:
                 lock.release()
 
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        depth = getattr(self._use_depth, "n", 0)
+        if depth:  # a method called by a method of this thread: one use, whatever close() began
+            self._use_depth.n = depth + 1
+            try:
+                yield
+            finally:
+                self._use_depth.n = depth
+            return
+        with self._users_cond:
+            if self._closed:
+                raise ClosedError(f"the collection at {self.path} is closed; open it again to use it")
+            self._users += 1
+        self._use_depth.n = 1
+        try:
+            yield
+        finally:
+            self._use_depth.n = 0
+            with self._users_cond:
+                self._users -= 1
+                if not self._users:
+                    self._users_cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (every other method then raises ClosedError)."""
+        return self._closed
+
     def close(self, *, checkpoint: bool = True) -> None:
         """Waits for a background checkpoint, writes one if writes are not covered yet
-        (``checkpoint=True``), and closes the database connections."""
+        (``checkpoint=True``), waits for the calls in flight on other threads, and closes the
+        database connections. Every method but close then raises :class:`ClosedError`; a second
+        close does nothing."""
+        if self._closed:
+            return
         t = self._ckpt_thread
         if t is not None:
             t.join()
         if checkpoint and self._since_checkpoint > 0:
             self.checkpoint()
+        with self._users_cond:
+            if self._closed:
+                return  # closed by another thread meanwhile
+            self._closed = True  # no new use from here on ...
+            self._users_cond.wait_for(lambda: self._users == 0)  # ... and none still running
+        t = self._ckpt_thread  # one a write started meanwhile ran as a use, or stops at once
+        if t is not None:
+            t.join()
         with self._write_lock:
-            # Folds the WAL into the database file so the next open need not index it; with a
-            # reader elsewhere SQLite does what it can and returns (busy is not an error here).
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                # Folds the WAL into the database file so the next open need not index it; with a
+                # reader elsewhere SQLite does what it can and returns (busy is not an error here).
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError:
+                pass  # a damaged file: the connection still closes
+            finally:
+                self._db.close()
         with self._readers_lock:
             for c in self._readers:
                 c.close()
@@ -512,9 +615,12 @@ class Collection:
         c: sqlite3.Connection | None = getattr(self._local, "db", None)
         if c is None:
             c = _log.connect(self.path)
-            self._local.db = c
             with self._readers_lock:
+                if self._closed:  # (uses are waited for: only a helper thread can get here)
+                    c.close()
+                    raise ClosedError(f"the collection at {self.path} is closed; open it again to use it")
                 self._readers.append(c)
+            self._local.db = c
         return c
 
     @contextmanager
@@ -525,25 +631,31 @@ class Collection:
             try:
                 yield db
             finally:
-                db.execute("COMMIT")
+                _log.end_read(db)
 
+    @_while_open
     def __len__(self) -> int:
         """Number of documents (not chunks)."""
-        return int(self._reader().execute("SELECT count(*) FROM docs").fetchone()[0])
+        with _log.damage_is_corrupt():
+            return int(self._reader().execute("SELECT count(*) FROM docs").fetchone()[0])
 
+    @_while_open
     def __contains__(self, id: object) -> bool:
         if not isinstance(id, (int, str)) or isinstance(id, bool):
             return False
         try:
-            return self._reader().execute("SELECT 1 FROM docs WHERE doc_id = ?", (id,)).fetchone() is not None
+            with _log.damage_is_corrupt():
+                return self._reader().execute("SELECT 1 FROM docs WHERE doc_id = ?", (id,)).fetchone() is not None
         except (UnicodeEncodeError, OverflowError):
             return False
 
     @property
+    @_while_open
     def chunk_count(self) -> int:
         """Chunks in this process's state."""
         return self._chunks
 
+    @_while_open
     def get(self, ids: Sequence[DocId]) -> list[dict[str, Any]]:
         """``{"id", "text", "metadata"}`` of each id, in the order given.
 
@@ -560,6 +672,7 @@ class Collection:
 
     # --- writing -----------------------------------------------------------------------------
 
+    @_while_open
     def add(
         self,
         texts: Sequence[str],
@@ -589,6 +702,7 @@ class Collection:
         """
         return self._write(texts, ids, metadata, vectors, show_progress, replace=False)
 
+    @_while_open
     def upsert(
         self,
         texts: Sequence[str],
@@ -603,6 +717,7 @@ class Collection:
             raise TypeError("upsert needs ids")
         return self._write(texts, ids, metadata, vectors, show_progress, replace=True)
 
+    @_while_open
     def delete(self, ids: Sequence[DocId]) -> None:
         """Deletes documents and their chunks; all or nothing.
 
@@ -638,7 +753,7 @@ class Collection:
         if vectors is not None:
             if self._chunker is not None:
                 raise ValueError("vectors cannot be given for a chunking collection (one vector per chunk is unknown)")
-            vecs = check_vectors(vectors, self.dim, n)
+            vecs = check_vectors(vectors, self.dim, n, self.metric)
         return docs, given_ids, metas, vecs
 
     def _write(
@@ -662,6 +777,9 @@ class Collection:
         chunk_texts = [docs[i][a:b] for i, sp in enumerate(spans) for a, b in sp]
         owner = [i for i, sp in enumerate(spans) for _ in sp]
         emb = vecs if vecs is not None else self._embed(chunk_texts, show_progress)
+        problem = vector_problem(emb, self.metric) if vecs is None else None
+        if problem is not None:
+            raise ModelError(f"the embedder's vectors are unusable with the {self.metric} metric: {problem}")
         # The reranker's document ids (an LLM reranker's: its template's document segment).
         tokens = self.reranker.tokenize_documents(chunk_texts) if self._has_store and self.reranker is not None else None
         metas_json = [metadata_json(m) for m in metas]
@@ -777,6 +895,7 @@ class Collection:
 
     # --- searching ---------------------------------------------------------------------------
 
+    @_while_open
     def search(
         self,
         query: str,
@@ -881,6 +1000,7 @@ class Collection:
         scores = rr.scores_from_logits(np.nan_to_num(logits))
         return self.finish_search(plan, cands, scores, scored, truncated, t0=t0)
 
+    @_while_open
     def plan_search(
         self,
         query: str,
@@ -908,17 +1028,20 @@ class Collection:
         candidates = max(positive_int(candidates, "candidates"), k)
         if ef is not None:
             ef = positive_int(ef, "ef")
-        where = self._where(_filters.parse(filter)) if filter is not None else None
+        node = _filters.parse(filter) if filter is not None else None
+        where = self._where(node) if node is not None else None
         do_rerank = bool(rerank) and self.reranker is not None and self._has_store
         if rerank and not do_rerank:
             raise ModelError("this collection has no reranker loaded; pass rerank=False or open it with one")
-        return SearchPlan(query, k, candidates, where, do_rerank, ef, fz)
+        reads = _filters.fields_read(node) if where is not None and node is not None else ()
+        return SearchPlan(query, k, candidates, where, do_rerank, ef, fz, reads)
 
     def _where(self, node: _filters.Node) -> tuple[str, list[Any]] | None:
         """A parsed filter in the store's query language (here SQL and its parameters; None: all)."""
         docs_sql, params = _filters.to_sql(node)
         return (docs_sql, params) if docs_sql is not None else None
 
+    @_while_open
     def first_stage(
         self,
         plan: SearchPlan,
@@ -943,6 +1066,8 @@ class Collection:
         docs: list[npt.NDArray[np.int32]] | None = None
         timings = {"embed": 0.0, "ann": 0.0, "assemble": 0.0, "score": 0.0}
         with self._rw.read(), self._snapshot() as db:
+            if plan.where is not None:
+                _log.check_fields(db, plan.fields)
             allow = _log.allowed_keys(db, *plan.where) if plan.where is not None else None
             if allow is not None and allow.size == 0:
                 keys, first = empty, np.zeros(0, np.float32)
@@ -965,6 +1090,7 @@ class Collection:
             info = self._texts(db, keys, None if plan.rerank else plan.k) if keys.size else {}
         return Candidates(keys, first, info, docs, assembly, timings)
 
+    @_while_open
     def finish_search(
         self,
         plan: SearchPlan,
@@ -1034,6 +1160,7 @@ class Collection:
         order = np.argsort(scores if self.metric == "l2" else -scores, kind="stable")[:candidates]
         return keys[order], scores[order]
 
+    @_while_open
     def search_batch(self, queries: Sequence[str], **kwargs: Any) -> list[SearchResult]:
         """:meth:`search` for each query (same keyword arguments, ``fusion`` included), in order.
         The fusion arguments are checked once, before any query runs."""
@@ -1056,6 +1183,7 @@ class Collection:
         tuned = entry.get("tuned") if isinstance(entry, dict) else None
         return dict(tuned) if isinstance(tuned, dict) else None
 
+    @_while_open
     def set_default_fusion(
         self,
         fusion: FusionMethod | None,
@@ -1105,6 +1233,8 @@ class Collection:
         return fz
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"Collection({str(self.path)!r}, closed)"
         return (
             f"Collection({str(self.path)!r}, documents={len(self)}, chunks={self.chunk_count}, metric={self.metric!r}, "
             f"reranker={'yes' if self.reranker is not None else 'no'})"

@@ -254,3 +254,23 @@ def _sql(node: Node) -> tuple[str | None, list[Any]]:
 
 def _stored(v: Scalar) -> Any:
     return int(v) if isinstance(v, bool) else v
+
+
+def fields_read(node: Node) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The field names a filter reads, each with the value kinds it compares (``()``: only
+    ``$exists``), in first-seen order: the rows the store checks before trusting them."""
+    seen: dict[str, set[int]] = {}
+
+    def walk(n: Node) -> None:
+        if isinstance(n, (And, Or)):
+            for item in n.items:
+                walk(item)
+        elif isinstance(n, Exists):
+            seen.setdefault(n.field, set())
+        elif isinstance(n, In):
+            seen.setdefault(n.field, set()).update(kind_of(v) for v in n.values)
+        else:
+            seen.setdefault(n.field, set()).add(kind_of(n.value))
+
+    walk(node)
+    return tuple((name, tuple(sorted(kinds))) for name, kinds in seen.items())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+_TINY = 1e-30  # norms normalized in float64
+
 
 class Fresh:
     """Keys, vectors (normalized for cosine) and liveness of the chunks not yet in the graph."""
@@ -31,11 +33,15 @@ class Fresh:
     def prepare(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Vectors as the graph scores them (outside any lock)."""
         v = np.ascontiguousarray(vectors, dtype=np.float32)
-        if self.metric == "cosine" and v.size:
-            # Squares summed in float64: a float32 sum overflows from |x| ~ 1e19 (a zero row after).
-            norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))[:, None]
-            v = v * (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-        return v.astype(np.float32, copy=False)
+        if self.metric != "cosine" or not v.size:
+            return v
+        # Squares summed in float64: a float32 sum overflows from |x| ~ 1e19 (a zero row after).
+        norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))
+        out = v * (1.0 / np.where(norms >= _TINY, norms, 1.0)).astype(np.float32)[:, None]  # zero rows stay zero
+        tiny = (norms > 0) & (norms < _TINY)
+        if tiny.any():  # 1 / norm overflows float32 below ~3e-39: those rows divide in float64
+            out[tiny] = v[tiny].astype(np.float64) / norms[tiny, None]
+        return out
 
     def append(self, keys: npt.NDArray[np.int64], prepared: npt.NDArray[np.float32]) -> None:
         m = int(keys.size)

@@ -128,12 +128,41 @@ def metadata_json(meta: Mapping[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-def check_vectors(vectors: Any, dim: int, n: int) -> npt.NDArray[np.float32]:
-    """[n, dim] finite float32 (checked here: they reach the graph only later)."""
+# ip/l2 scores are computed in float32: with every norm at most this, a dot product or squared
+# distance of two vectors is at most (2 * MAX_NORM)**2 = 4e36, well below float32's 3.4e38.
+MAX_NORM = 1e18
+
+
+def vector_problem(mat: npt.NDArray[np.float32], metric: str) -> str | None:
+    """What is wrong with the first bad row of ``mat`` for ``metric`` (None: nothing): the one
+    check of vectors, for writes (ValueError) and for rows read from disk (CorruptFileError)."""
+    if not mat.size:
+        return None
+    # The common case in two passes (min and max carry NaN and inf): no entry large enough for any
+    # row's norm to reach the bound. An open replays up to every row through here.
+    top = max(-float(mat.min()), float(mat.max()))
+    if math.isfinite(top) and (metric == "cosine" or top * math.sqrt(mat.shape[1]) <= MAX_NORM):
+        return None
+    finite = np.isfinite(mat).all(axis=1)
+    if not finite.all():
+        return f"row {int(np.argmin(finite))} has NaN or infinite values"
+    if metric != "cosine" and mat.size:  # cosine normalizes (in float64): any finite row is fine
+        sq = np.einsum("ij,ij->i", mat, mat, dtype=np.float64)
+        big = sq > MAX_NORM * MAX_NORM
+        if big.any():
+            i = int(np.argmax(big))
+            return (f"row {i} has norm {math.sqrt(float(sq[i])):.3g}, above {MAX_NORM:.0e}: its {metric} scores "
+                    "would overflow float32 (scale the vectors down)")
+    return None
+
+
+def check_vectors(vectors: Any, dim: int, n: int, metric: str = "cosine") -> npt.NDArray[np.float32]:
+    """[n, dim] float32, finite and (ip/l2) of bounded norm: checked here, they reach the graph
+    only later."""
     mat, _ = as_float_matrix(vectors, dim, "vectors")
     if mat.shape[0] != n:
         raise ValueError(f"vectors has {mat.shape[0]} rows for {n} texts")
-    finite = np.isfinite(mat).all(axis=1)
-    if not finite.all():
-        raise ValueError(f"vectors must be finite: row {int(np.argmin(finite))} has NaN or infinite values")
+    problem = vector_problem(mat, metric)
+    if problem is not None:
+        raise ValueError(f"vectors must be finite and, for ip/l2, of norm at most {MAX_NORM:.0e}: {problem}")
     return mat

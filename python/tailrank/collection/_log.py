@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import CorruptFileError
-from ._inputs import DocId
+from ._inputs import DocId, vector_problem
 
 DB = "meta.sqlite"
 _PART = 500  # ids per IN (...) list
@@ -55,10 +55,14 @@ def connect(root: Path) -> sqlite3.Connection:
     """A connection in autocommit mode: transactions are explicit (BEGIN / COMMIT)."""
     db = sqlite3.connect(root / DB, isolation_level=None, check_same_thread=False, timeout=60.0)
     db.text_factory = _text
-    with damage_is_corrupt():
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
-        db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
+    try:
+        with damage_is_corrupt():
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")  # the commit is the collection's commit point
+            db.execute("PRAGMA journal_size_limit = 67108864")  # a bulk write's WAL shrinks back after it
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -109,6 +113,21 @@ def damage_is_corrupt() -> Iterator[None]:
         raise
     except UnicodeDecodeError as e:  # SQLite's message quoted bytes of the damaged file
         raise _damaged(f"unreadable ({e})") from e
+
+
+def end_read(db: sqlite3.Connection) -> None:
+    """Ends a read transaction. A damaged file can fail even the COMMIT (found by atheris: was a
+    bare DatabaseError): CorruptFileError then, and the connection is left out of the transaction."""
+    try:
+        with damage_is_corrupt():
+            db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the close of the connection ends it
+        raise
 
 
 def check_schema(db: sqlite3.Connection) -> None:
@@ -231,6 +250,51 @@ def allowed_keys(db: sqlite3.Connection, docs_sql: str, params: list[Any]) -> np
         raise _damaged("a chunk's key is not an integer >= 0") from None
 
 
+# Per kind of a stored field value (_filters.NULL ... OTHER): the SQLite types its value may have.
+_KIND_TYPES = {0: ("null",), 1: ("integer", "real"), 2: ("integer", "real"), 3: ("text",), 4: ("null",)}
+_KIND_MAX = 4
+# The bounds of one field's rows in the (name, kind, value) index: O(log n) each, whatever the
+# table's size. SQLite sorts NULL < numbers < text < blob, so a value of the wrong type for its
+# kind is at one end of that kind's range (or, for a bool, strictly between 0 and 1).
+_FIELD_ENDS = (
+    "SELECT (SELECT CASE typeof(kind) WHEN 'integer' THEN kind ELSE -1 END FROM fields WHERE name = ?1 ORDER BY kind LIMIT 1), "
+    "(SELECT CASE typeof(kind) WHEN 'integer' THEN kind ELSE -1 END FROM fields WHERE name = ?1 ORDER BY kind DESC LIMIT 1), "
+    "coalesce((SELECT 1 FROM fields WHERE name = ?1 AND kind > 0 AND kind < 1 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 1 AND kind < 2 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 2 AND kind < 3 LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind > 3 AND kind < 4 LIMIT 1))"
+)  # (one range per seek: SQLite scans the whole field for an OR of ranges)
+_VALUE_ENDS = (
+    "SELECT (SELECT typeof(value) FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value LIMIT 1), "
+    "(SELECT typeof(value) FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value DESC LIMIT 1), "
+    "(SELECT value FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value LIMIT 1), "
+    "(SELECT value FROM fields WHERE name = ?1 AND kind = ?2 ORDER BY value DESC LIMIT 1), "
+    "(SELECT 1 FROM fields WHERE name = ?1 AND kind = ?2 AND value > 0 AND value < 1 LIMIT 1)"
+)
+
+
+def check_fields(db: sqlite3.Connection, reads: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """The ``fields`` rows a filter reads hold the type their kind says (the one validator of
+    ``fields``; a few index seeks per field, none per row): else a range or ``$ne`` would
+    silently match a damaged row (text sorts above every number)."""
+    for name, kinds in reads:
+        lo, hi, between = db.execute(_FIELD_ENDS, (name,)).fetchone()
+        if lo is None:
+            continue  # no document has the field
+        if not (0 <= lo <= hi <= _KIND_MAX) or between is not None:  # -1: a kind that is no integer
+            raise _damaged(f"metadata field {name!r} has rows of unknown kind (kinds {lo} to {hi}, -1: not an integer)")
+        for kind in kinds:
+            t_lo, t_hi, v_lo, v_hi, half = db.execute(_VALUE_ENDS, (name, kind)).fetchone()
+            if t_lo is None:
+                continue
+            want = _KIND_TYPES[kind]
+            bad = t_lo not in want or t_hi not in want
+            if kind == 1 and not bad:  # a bool is stored as 0 or 1
+                bad = v_lo not in (0, 1) or v_hi not in (0, 1) or half is not None
+            if bad:
+                raise _damaged(f"metadata field {name!r} has rows of kind {kind} holding {t_lo} to {t_hi} values")
+
+
 @dataclass
 class Delta:
     """What the writes after some ``seq`` changed: chunks added (still live) and keys deleted."""
@@ -245,11 +309,22 @@ class Delta:
     deleted: npt.NDArray[np.int64]
 
 
-def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, vocab: int | None = None) -> Delta:
+def read_delta(
+    db: sqlite3.Connection,
+    after: int,
+    dim: int,
+    with_tokens: bool,
+    vocab: int | None = None,
+    *,
+    first_key: int | None = None,
+    metric: str = "cosine",
+) -> Delta:
     """Everything committed after write ``after``, from one snapshot of the database.
 
     The one validator of ``chunks`` and ``deleted`` rows, at C speed or vectorized (an open
-    replays up to every row): types and blob lengths in SQL, keys and token ids with numpy.
+    replays up to every row): types and blob lengths in SQL, keys, token ids and vectors with
+    numpy. ``first_key``: the key counter after write ``after`` (the writes since took keys from
+    it on); default: the checkpoint's when ``after`` is the checkpoint, else 0.
     """
     ok = "typeof(key) = 'integer' AND typeof(seq) = 'integer' AND typeof(vector) = 'blob' AND length(vector) = ?"
     if with_tokens:
@@ -281,7 +356,7 @@ def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, 
             raise _damaged(str(e)) from e
         raise
     finally:
-        db.execute("COMMIT")
+        end_read(db)
     for top in (top_seq, del_seq):  # O(1) through the indexes: no row from a write not yet made
         if top is not None and not (type(top) is int and top <= st["seq"]):
             raise _damaged(f"a row of write {top!r} is past the last write {st['seq']}")
@@ -289,16 +364,19 @@ def read_delta(db: sqlite3.Connection, after: int, dim: int, with_tokens: bool, 
         raise _damaged(f"chunk key {top_key!r} is not below the next key {st['next_key']}")
     add_keys = np.asarray(keys, dtype=np.int64)
     # Chunks written after the checkpoint took keys from its counter on.
-    lo = st["checkpoint_next_key"] if after == st["checkpoint"] else 0
+    lo = first_key if first_key is not None else st["checkpoint_next_key"] if after == st["checkpoint"] else 0
     if add_keys.size and (add_keys[0] < lo or (np.diff(add_keys) <= 0).any()):
         raise _damaged(f"the chunks written after write {after} have keys out of order or below {lo}")
     dead = np.asarray(deleted, dtype=np.int64)
     if dead.size and (dead.min() < 0 or dead.max() >= st["next_key"] or np.unique(dead).size != dead.size):
         raise _damaged(f"the deletions after write {after} name keys never given or twice")
+    if dead.size and add_keys.size and np.isin(add_keys, dead).any():
+        raise _damaged(f"a chunk written after write {after} is both live and deleted")
     add_tokens = _split_tokens(toks, vocab) if with_tokens else None
     mat = np.frombuffer(b"".join(vecs), dtype="<f4").astype(np.float32).reshape(len(vecs), dim)
-    if not np.isfinite(mat).all():
-        raise _damaged(f"a chunk written after write {after} has a non-finite vector")
+    problem = vector_problem(mat, metric)
+    if problem is not None:
+        raise _damaged(f"a chunk written after write {after} has an unusable vector ({problem})")
     return Delta(
         seq=st["seq"],
         next_key=st["next_key"],

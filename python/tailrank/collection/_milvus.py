@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -236,6 +237,9 @@ class MilvusCollection(Collection):
         self._chunker = Chunker(emb, int(self.chunk_tokens), self.chunk_overlap) if self.chunk_tokens else None
         self.token_cap = int(m["token_cap"])
         self.checkpoint_error = None
+        # close() here drops the connection and a later call reconnects: never closed for good.
+        self._closed, self._users, self._users_cond = False, 0, threading.Condition()
+        self._use_depth = threading.local()
         self.write_batch_rows = 512
         self.write_backoff_s = 0.5
         self.index_wait_s = 600.0

@@ -61,6 +61,7 @@ class SearchPlan:
     rerank: bool
     ef: int | None
     fusion: Any = None  # a _fusion.Fusion; None or method "none": reranker order
+    fields: tuple[tuple[str, tuple[int, ...]], ...] = ()  # what the filter reads (_filters.fields_read)
 
 
 @dataclass
