@@ -24,7 +24,7 @@ install: venv
 demo: install
 	$(BIN)/python -m tailrank.demo --data $(DATA) --docs 1000 --queries 3
 
-test: install test-cpp test-asan test-tsan test-fuzz test-fuzz-py stubtest test-py test-openvino
+test: install test-cpp test-asan test-tsan test-fuzz test-fuzz-py test-asan-py stubtest test-py test-openvino
 
 test-cpp: venv
 	scripts/ensure_system_deps.sh
