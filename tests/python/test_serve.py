@@ -148,6 +148,17 @@ class Rounds:
         assert self.gate.wait(30)
 
 
+async def hold_and_fill(c: Any, app: Any, rounds: Rounds) -> tuple[Any, Any]:
+    """Holds one /rerank round in ``rounds`` and fills the round that forms while it runs, so that
+    requests sent next all wait for the same, later round. Returns the two requests in flight."""
+    held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
+    await asyncio.to_thread(rounds.entered.wait, 30)
+    filler = asyncio.ensure_future(c.post("/rerank", json={"query": "fill", "texts": ["y"]}))
+    lane = app.state.tailrank.queue._lanes["rerank"]
+    await until(lambda: lane.slot is not None, "the filler's round assembled")
+    return held, filler
+
+
 class Leaving:
     """A raw ASGI POST of ``payload`` whose client disconnects when told to (after its body was
     read); ``messages`` are what the app sent it."""
@@ -259,12 +270,7 @@ def test_left_truncation_is_the_cores_and_scores_as_the_pre_cut_pairs(ce: CrossE
 
     async def go() -> tuple[Any, Any, Any, Any]:
         async with async_client(app) as c:
-            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
-            await asyncio.to_thread(rounds.entered.wait, 30)
-            # The next round forms while the held one runs: fill it, then both wait for the one after.
-            filler = asyncio.ensure_future(c.post("/rerank", json={"query": "fill", "texts": ["y"]}))
-            lane = app.state.tailrank.queue._lanes["rerank"]
-            await until(lambda: lane.slot is not None, "the filler's round assembled")
+            held, filler = await hold_and_fill(c, app, rounds)
             left = asyncio.ensure_future(c.post("/rerank", json=left_body))
             right = asyncio.ensure_future(c.post("/rerank", json=right_body))
             await until(lambda: queued_requests(app) == 4, "both requests queued behind the held one")

@@ -19,7 +19,7 @@ import models
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from test_serve import Rounds, async_client, client, create_app, queued_requests, until  # noqa: E402
+from test_serve import Rounds, async_client, client, create_app, hold_and_fill, queued_requests, until  # noqa: E402
 from tailrank import Collection, CrossEncoder, Embedder  # noqa: E402
 from tailrank.export import export  # noqa: E402
 from tailrank.serve import Limits  # noqa: E402
@@ -107,12 +107,7 @@ def test_requests_with_different_instructions_share_a_round_and_each_prefix_runs
 
     async def go() -> tuple[list[Any], int]:
         async with async_client(app) as c:
-            held = asyncio.ensure_future(c.post("/rerank", json={"query": "hold", "texts": ["x"]}))
-            await asyncio.to_thread(rounds.entered.wait, 30)
-            # The next round forms while the held one runs: fill it, then all wait for the one after.
-            filler = asyncio.ensure_future(c.post("/rerank", json={"query": "fill", "texts": ["y"]}))
-            lane = app.state.tailrank.queue._lanes["rerank"]
-            await until(lambda: lane.slot is not None, "the filler's round assembled")
+            held, filler = await hold_and_fill(c, app, rounds)
             rest = [asyncio.ensure_future(c.post("/rerank", json=b)) for b in bodies]
             await until(lambda: queued_requests(app) == 2 + len(bodies), "the requests queued behind the held one")
             before = prefixes.runs
