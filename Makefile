@@ -101,7 +101,7 @@ test-py: install
 
 # The OpenVINO execution provider ships in the onnxruntime-openvino wheel, which replaces
 # onnxruntime (same module): its own venv, where the tests named "openvino" run (fp32 fidelity
-# against transformers on every model family, optimize --bf16). Re-installed on each run, since
+# against transformers on every model family, optimize --bf16 and --int8-openvino). Re-installed on each run, since
 # reinstalling the package brings onnxruntime back over the same files.
 VENV_OV := .venv-openvino
 OPENVINO_ORT ?= onnxruntime-openvino>=1.24,<2
@@ -111,11 +111,12 @@ $(VENV_OV)/bin/python:
 
 test-openvino: $(VENV_OV)/bin/python
 	$(VENV_OV)/bin/pip install -q "torch==2.13.0"
-	$(VENV_OV)/bin/pip install -q ".[test,export]"
+	$(VENV_OV)/bin/pip install -q ".[test,export,openvino]"
 	$(VENV_OV)/bin/pip uninstall -q -y onnxruntime
 	$(VENV_OV)/bin/pip install -q --force-reinstall --no-deps "$(OPENVINO_ORT)"
 	$(VENV_OV)/bin/python -c "import onnxruntime as o; assert 'OpenVINOExecutionProvider' in o.get_available_providers(), o.get_available_providers()"
-	TAILRANK_SHARED=$(abspath $(SHARED)) $(VENV_OV)/bin/python -m pytest -q tests/python/test_cross_encoder.py tests/python/test_export.py -k openvino
+	TAILRANK_SHARED=$(abspath $(SHARED)) $(VENV_OV)/bin/python -m pytest -q tests/python/test_cross_encoder.py tests/python/test_export.py \
+	  tests/python/test_int8_openvino.py -k openvino
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py --data $(DATA)

@@ -67,12 +67,12 @@ from tailrank.bench.models import prepare_precision, prepare_reranker  # noqa: E
 from tailrank.bench.workload import random_workload  # noqa: E402
 
 DEFAULT_MODEL = str(Path(DEFAULT_DATA).parent.parent / "models" / "scifact-minilm-l6-ce")
-PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-int8-static": "int8", "tailrank-int8-smooth": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
+PRECISION_OF = {"st-bf16": "bf16", "tailrank-int8": "int8", "tailrank-int8-static": "int8", "tailrank-int8-smooth": "int8", "tailrank-int8-openvino": "int8", "tailrank-bf16": "bf16", "st-onnx-qint8": "int8",
                 "st-openvino-qint8": "int8"}
 # Systems on ONNX Runtime's OpenVINO provider: the onnxruntime-openvino wheel replaces onnxruntime,
 # so unless this process has it they run in a worker process of --openvino-python (same workload,
 # threads and timing code), e.g. the .venv-openvino that `make test-openvino` builds.
-OPENVINO_SYSTEMS = ("tailrank-ov-fp32", "tailrank-bf16")
+OPENVINO_SYSTEMS = ("tailrank-ov-fp32", "tailrank-bf16", "tailrank-int8-openvino")
 DEFAULT_OPENVINO_PYTHON = Path(__file__).resolve().parent.parent / ".venv-openvino" / "bin" / "python"
 
 
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser | Any) -> None:
         "--systems",
         default="tailrank-fp32-docstore,tailrank-fp32-texts,tailrank-opt-fp32,tailrank-int8,tailrank-int8-static,tailrank-int8-smooth,"
         "tailrank-ov-fp32,"
-        "tailrank-bf16,st-fp32,st-bf16," + ",".join(peers.ST_BACKENDS) + ",ort-plain,flashrank",
+        "tailrank-bf16,tailrank-int8-openvino,st-fp32,st-bf16," + ",".join(peers.ST_BACKENDS) + ",ort-plain,flashrank",
     )
     p.add_argument("--openvino-python", default=str(DEFAULT_OPENVINO_PYTHON),
                    help="a Python with onnxruntime-openvino for the OpenVINO systems (default: .venv-openvino)")
@@ -118,7 +118,8 @@ def _openvino_factory(name: str, fp32_dir: Path, work: Path, args: argparse.Name
     """The factory of an OpenVINO system in this process (and, for bf16, its optimize report)."""
     if name == "tailrank-ov-fp32":
         return (lambda: peers.TailrankDocStore(fp32_dir, args.threads, device="openvino")), None
-    out, rep = prepare_precision(fp32_dir, work, "bf16", samples=_fidelity_samples(args), threads=args.threads)
+    prec = name.removeprefix("tailrank-")
+    out, rep = prepare_precision(fp32_dir, work, prec, samples=_fidelity_samples(args), threads=args.threads)
     if out is None or not rep.get("passed", True):
         return None, rep | ({} if out is None else {"skipped": "below the fidelity thresholds"})
     return (lambda: peers.TailrankDocStore(out, args.threads, device="openvino")), rep

@@ -33,6 +33,7 @@ CANDIDATES: dict[str, tuple[str, str, str | None]] = {
     "int8": ("int8", "cpu", "int8"),
     "int8-static": ("int8-static", "cpu", "int8"),
     "int8-smooth": ("int8-smooth", "cpu", "int8"),
+    "int8-openvino": ("int8-openvino", "openvino", "int8"),
     "fp16-cuda": ("fp16", "cuda", None),
 }
 _TIMED_REQUESTS = 8
@@ -70,6 +71,16 @@ def _unavailable(name: str, flags: frozenset[str], providers: list[str]) -> str 
 def _runtime(name: str) -> dict[str, Any]:
     precision, device, _ = CANDIDATES[name]
     return {"device": device, "precision": "bf16" if precision == "bf16" else "fp32"}
+
+
+def _built_runtime(path: Path, name: str) -> dict[str, Any]:
+    """The device and precision a built candidate runs with: its own tailrank.json's where it wrote
+    one (int8-openvino picks the precision of its float ops on this CPU), else the candidate's."""
+    own = path / _ort.RUNTIME_FILE
+    if own.is_file():
+        cfg = _ort.read_runtime(path)
+        return {"device": cfg["device"], "precision": cfg["precision"]}
+    return _runtime(name)
 
 
 def _build(name: str, src_dir: Path, out: Path, samples: SampleSet, min_tau: float, min_top1: float,
@@ -186,7 +197,7 @@ def optimize_auto(
         record["reason"] = (f"fastest of the candidates passing the gate ({', '.join(passing)})" if passing else
                             "forced: no candidate passes the gate; the fastest is written")
         record["fallback"] = fallback
-        runtime: dict[str, Any] = _runtime(chosen)
+        runtime: dict[str, Any] = _built_runtime(built[chosen], chosen)
         if isa:
             runtime["requires_cpu_flags"] = list(_ort.ISA_FLAGS[isa])
         if fallback:

@@ -30,6 +30,10 @@ def add_parser(sub: Any) -> None:
     prec.add_argument("--int8-smooth", action="store_true",
                       help="dynamic int8 (VNNI kernels) after SmoothQuant-style smoothing calibrated on every other query "
                       "of --sample-pairs (use pairs from your own corpus) and gated on the others")
+    prec.add_argument("--int8-openvino", action="store_true",
+                      help="static int8 by NNCF (SmoothQuant, its transformer preset) on OpenVINO's int8 kernels, "
+                      "calibrated on every other query of --sample-pairs and gated on the others (needs "
+                      "onnxruntime-openvino and the openvino extra)")
     prec.add_argument("--auto", action="store_true",
                       help="build every precision this machine can run, gate each on fidelity, time each on the sample "
                       "requests and write the fastest passing one (tailrank.json records the decision)")
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tailrank optimize --auto: wrote {record['decision']} to {args.out_dir}", file=sys.stderr)
         return 0
     precision: Precision = ("int8" if args.int8 else "int8-static" if args.int8_static
-                            else "int8-smooth" if args.int8_smooth else "fp16" if args.fp16
+                            else "int8-smooth" if args.int8_smooth
+                            else "int8-openvino" if args.int8_openvino else "fp16" if args.fp16
                             else "bf16" if args.bf16 else "fp32")
     try:
         report = optimize(

@@ -24,8 +24,8 @@ from .export import atomic_output_dir, copy_model_files
 
 __all__ = ["optimize", "fidelity", "FidelityError", "builtin_sample_pairs", "Precision", "PRECISIONS"]
 
-Precision = Literal["fp32", "int8", "int8-static", "int8-smooth", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int8-static", "int8-smooth", "fp16", "bf16")
+Precision = Literal["fp32", "int8", "int8-static", "int8-smooth", "int8-openvino", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int8-static", "int8-smooth", "int8-openvino", "fp16", "bf16")
 SampleSet = list[tuple[str, list[str]]]  # (query, documents)
 
 
@@ -61,6 +61,9 @@ def optimize(
             ``"int8-smooth"`` (int8 weights per column, activations int8 per token at run time,
             VNNI kernels, after SmoothQuant-style smoothing calibrated on every other query of
             ``sample_pairs`` and gated on the others; see :mod:`tailrank._int8`),
+            ``"int8-openvino"`` (NNCF's static int8 for OpenVINO's int8 kernels, calibrated on every
+            other query of ``sample_pairs`` and gated on the others, run on the OpenVINO execution
+            provider with bf16 elsewhere where the CPU has it; see :func:`_quantize_nncf`),
             ``"fp16"`` (float32 inputs and outputs kept) or ``"bf16"`` (the fp32 graph with a
             ``tailrank.json`` that runs it on the OpenVINO execution provider with bf16 matmuls;
             refused without onnxruntime-openvino, as ONNX Runtime's CPU provider has no bf16 kernels).
@@ -89,9 +92,11 @@ def optimize(
                             samples=_load_samples(sample_pairs, src_dir), min_tau=min_tau, min_top1=min_top1,
                             threads=threads, gate=_gate, fidelity=fidelity)
     config = read_json(src_dir / "config.json", "config.json")
-    if precision == "bf16" and not openvino_available():
-        raise ModelError(_bf16_refusal())
+    if precision in ("bf16", "int8-openvino") and not openvino_available():
+        raise ModelError(_openvino_refusal(precision))
     samples = _load_samples(sample_pairs, src_dir)
+    if precision == "int8-openvino":
+        return _optimize_openvino_int8(src, src_dir, out_dir, samples, force, min_tau, min_top1, threads)
 
     if precision == "bf16":
         # The fp32 graph as it is (OpenVINO fuses it itself; ORT's contrib fusions are not its
@@ -349,15 +354,92 @@ def _accepts_providers(fn: Any) -> bool:
     return "calibration_providers" in inspect.signature(fn).parameters
 
 
-def _bf16_refusal() -> str:
+def _openvino_refusal(precision: str) -> str:
     import onnxruntime as ort
 
+    what = ("bf16 matmuls on CPUs with AVX512-BF16 or AMX" if precision == "bf16" else
+            "OpenVINO's int8 kernels; NNCF, from the openvino extra, quantizes the graph")
     return (
-        "--bf16 runs on ONNX Runtime's OpenVINO execution provider (bf16 matmuls on CPUs with "
-        "AVX512-BF16 or AMX): install onnxruntime-openvino in place of onnxruntime "
-        f"(this onnxruntime {ort.__version__} has {ort.get_available_providers()}, and its CPU provider has "
-        "no bfloat16 kernels); or use --int8"
+        f"--{precision} runs on ONNX Runtime's OpenVINO execution provider ({what}): install "
+        f"onnxruntime-openvino in place of onnxruntime (this onnxruntime {ort.__version__} has "
+        f"{ort.get_available_providers()}, and its CPU provider has no bfloat16 kernels); or use --int8-smooth"
     )
+
+
+def _optimize_openvino_int8(src: Path, src_dir: Path, out_dir: str | os.PathLike[str], samples: SampleSet, force: bool,
+                            min_tau: float, min_top1: float, threads: int | None) -> dict[str, Any]:
+    """``--int8-openvino``: the exported graph quantized by NNCF on half the sample queries, gated
+    on the other half on the OpenVINO provider (bf16 for the ops left in float where the CPU has it)."""
+    from ._ort import ISA_FLAGS, cpu_flags
+
+    calibration, gate_samples = _split_calibration(samples)
+    rest = "bf16" if cpu_flags() & set(ISA_FLAGS["bf16"]) else "fp32"
+    runtime = {"device": "openvino", "precision": rest, "requires_cpu_flags": list(ISA_FLAGS["int8"])}
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        (tmp / "onnx").mkdir()
+        ignored = _quantize_nncf(src, tmp / "onnx" / "model.onnx", src_dir, calibration)
+        copy_model_files(src_dir, tmp)
+        (tmp / RUNTIME_FILE).write_text(json.dumps(runtime) + "\n", encoding="utf-8")
+        report = fidelity(src_dir, tmp, gate_samples, threads=threads, candidate_device="openvino")
+        report.update(precision="int8-openvino", runtime=runtime,
+                      thresholds={"kendall_tau": min_tau, "top1_kept": min_top1},
+                      calibration={"queries": len(samples) - len(gate_samples),
+                                   "pairs": sum(len(d) for _, d in calibration),
+                                   "gated_on_other_queries": gate_samples is not samples,
+                                   "kept_in_float": ignored})
+        _gate(report, "int8-openvino", min_tau, min_top1, force)
+        (tmp / "fidelity.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+_GELU_OPS = frozenset({"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"})
+
+
+def _nncf_ignored(model: Any) -> list[str]:
+    """The FFN down-projections (weight MatMuls fed by a GELU within a few nodes), which
+    --int8-openvino leaves in float: their inputs' outlier channels are where static int8 loses
+    the ranking (benchmarks/README.md: tau 0.937 with them int8, 0.957 without)."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        frontier, seen = [n.input[0]], 0
+        while frontier and seen < 8:  # a GELU is a few elementwise nodes up at most
+            p = producer.get(frontier.pop(0))
+            seen += 1
+            if p is None:
+                continue
+            if p.op_type in _GELU_OPS:
+                out.append(n.name)
+                break
+            if p.op_type in ("Mul", "Add", "Div", "Cast", "Reshape"):
+                frontier.extend(p.input)
+    return out
+
+
+def _quantize_nncf(src: Path, dst: Path, model_dir: Path, samples: SampleSet) -> list[str]:
+    """Static int8 by NNCF's ONNX backend with its transformer preset (SmoothQuant, int8 weights per
+    channel, activation ranges over ``samples`` as the model sees them): a QDQ graph that OpenVINO
+    runs on its int8 kernels. Returns the MatMuls it left in float."""
+    try:
+        import nncf
+        import onnx
+    except ImportError as e:
+        raise ModelError(f"--int8-openvino needs nncf and onnx: pip install 'tailrank[openvino,export]' ({e})") from e
+    try:
+        model = onnx.load(str(src))
+        ignored = _nncf_ignored(model)
+        feeds = _calibration_feeds(model_dir, src, samples)
+        kwargs: dict[str, Any] = {"ignored_scope": nncf.IgnoredScope(names=ignored)} if ignored else {}
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
+                                  model_type=nncf.ModelType.TRANSFORMER, **kwargs)
+        onnx.save(quantized, str(dst))
+    except Exception as e:  # NNCF and onnx raise whatever their passes raise
+        raise ModelError(f"int8-openvino quantization failed: {e}") from e
+    return ignored
 
 
 # --- fidelity -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from ..errors import ModelError
 __all__ = ["fingerprint", "prepare_reranker", "prepare_precision", "PRECISIONS", "has_onnx"]
 
 # Benchmark precision name -> tailrank.optimize precision; "fp32" is the exported model as is.
-PRECISIONS = {"fp32": None, "opt-fp32": "fp32", "int8": "int8", "int8-static": "int8-static", "int8-smooth": "int8-smooth", "fp16": "fp16", "bf16": "bf16"}
+PRECISIONS = {"fp32": None, "opt-fp32": "fp32", "int8": "int8", "int8-static": "int8-static", "int8-smooth": "int8-smooth",
+              "int8-openvino": "int8-openvino", "fp16": "fp16", "bf16": "bf16"}
 
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
