@@ -202,11 +202,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = load_workload(args.data, args.queries, args.candidates, args.seed)
 
     fp32_dir, _ = prepare_reranker(args.model, work)
+    # Names, not a substring test: "tailrank-int8" is inside "tailrank-int8-openvino".
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     samples = _fidelity_samples(args)
     fidelity: dict[str, Any] = {}
     model_dirs = {"fp32": fp32_dir}
     for prec in ("opt-fp32", "int8", "int8-static", "int8-smooth"):
-        if f"tailrank-{prec}" not in args.systems:
+        if f"tailrank-{prec}" not in systems:
             continue
         out, rep = prepare_precision(fp32_dir, work, prec, samples=samples, threads=args.threads)
         fidelity[prec] = rep
@@ -234,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             factories[f"tailrank-{prec}"] = (lambda p: lambda: peers.TailrankDocStore(model_dirs[p], args.threads))(prec)
     here = openvino_available()
     for name in OPENVINO_SYSTEMS:
-        if name in args.systems and here:
+        if name in systems and here:
             factory, rep = _openvino_factory(name, fp32_dir, work, args)
             if rep is not None:
                 fidelity[name.removeprefix("tailrank-")] = rep
@@ -243,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     scores_of: dict[str, list[np.ndarray]] = {}
-    for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
+    for name in systems:
         if name in peers.ST_BACKENDS:
             # Always a worker: optimum may need an overlay of packages (--st-*-path), and a worker
             # that fails to import or export is reported with its error instead of ending the run.
