@@ -258,7 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             results[name] = _timing(name, lat_ns, flops, rates, args) | {"versions": got["versions"],
                                                                          "package_overlay": overlay}
-            if name == "st-openvino" and "bf16" in got.get("openvino_inference_precision", "").lower():
+            # openvino 2026 prints the hint as "<Type: 'bfloat16'>", earlier releases as "bf16".
+            hint = got.get("openvino_inference_precision", "").lower()
+            if name == "st-openvino" and ("bf16" in hint or "bfloat16" in hint):
                 results[name] |= _timing(name, lat_ns, flops, rates, args, precision="bf16")
                 results[name]["openvino_inference_precision"] = got["openvino_inference_precision"]
             continue
