@@ -28,19 +28,20 @@ def quantize(src: Path, out: Path, calibration: list, variant: str) -> None:
     import nncf
     import onnx
 
-    model = onnx.load(str(src / "onnx" / "model.onnx"))
+    graph = src / "onnx" / "model.onnx"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    (out / "tailrank.json").write_text(json.dumps({"device": "openvino", "precision": "bf16"}))
+    if variant == "no-ffn2":  # what optimize --int8-openvino ships: its own quantizer
+        O._quantize_nncf(graph, out / "onnx" / "model.onnx", src, calibration)
+        return
     kw: dict = {"model_type": nncf.ModelType.TRANSFORMER}
-    if variant == "no-ffn2":
-        kw["ignored_scope"] = nncf.IgnoredScope(names=O._nncf_ignored(model))
     if variant == "sq05":
         kw["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
             smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.5))
-    feeds = O._calibration_feeds(src, src / "onnx" / "model.onnx", calibration)
-    q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), **kw)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(src, out)
+    feeds = O._calibration_feeds(src, graph, calibration)
+    q = nncf.quantize(onnx.load(str(graph)), nncf.Dataset(feeds), subset_size=len(feeds), **kw)
     onnx.save(q, str(out / "onnx" / "model.onnx"))
-    (out / "tailrank.json").write_text(json.dumps({"device": "openvino", "precision": "bf16"}))
 
 
 def main() -> None:

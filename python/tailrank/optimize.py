@@ -398,7 +398,7 @@ _GELU_OPS = frozenset({"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh"})
 def _nncf_ignored(model: Any) -> list[str]:
     """The FFN down-projections (weight MatMuls fed by a GELU within a few nodes), which
     --int8-openvino leaves in float: their inputs' outlier channels are where static int8 loses
-    the ranking (benchmarks/README.md: tau 0.937 with them int8, 0.957 without)."""
+    the ranking (benchmarks/README.md has both variants' fidelity)."""
     graph = model.graph
     weights = {t.name for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
